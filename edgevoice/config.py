@@ -1,0 +1,462 @@
+"""One configuration: a TOML file, overridden key by key from the environment.
+
+Lookup order for the file: ``--config FILE``, else ``$EDGEVOICE_CONFIG``, else
+``/etc/edgevoice/edgevoice.toml`` when it exists, else the embedded defaults.
+Every key can be overridden as ``EDGEVOICE_<SECTION>__<KEY>`` (pydantic-settings'
+convention); the environment wins over the file. Settings are validated once
+into frozen models; :class:`ConfigError` names the file, the key, the bad value
+and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Jetson ships Python 3.10
+    import tomli as tomllib
+
+ENV_PREFIX = "EDGEVOICE_"
+DEFAULT_CONFIG_PATH = Path("/etc/edgevoice/edgevoice.toml")
+IDENTIFIER_PATTERN = r"^[A-Za-z0-9_.:@-]{1,128}$"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message is meant for an operator."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+
+def _read_secret(value: SecretStr | None, path: Path | None, key: str) -> str | None:
+    if value is not None and value.get_secret_value():
+        return value.get_secret_value()
+    if path is None:
+        return None
+    try:
+        secret = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{key}_file = {str(path)!r}: cannot read it ({exc.strerror})") from None
+    if not secret:
+        raise ConfigError(f"{key}_file = {str(path)!r}: the file is empty")
+    return secret
+
+
+class ServerSettings(_Section):
+    """Where the daemon listens and how it guards the LAN."""
+
+    host: str = "127.0.0.1"
+    """Address to listen on; 0.0.0.0 exposes the box to the whole LAN."""
+    port: int = Field(8000, ge=1, le=65535)
+    """TCP port for HTTP and WebSocket endpoints."""
+    token: SecretStr | None = None
+    """Bearer token required on every endpoint (header or ?token=); none disables auth. Prefer token_file or the environment."""
+    token_file: Path | None = None
+    """File holding the bearer token (used when token is not set)."""
+    tls_cert: Path | None = None
+    """PEM certificate chain; with tls_key, serves https/wss."""
+    tls_key: Path | None = None
+    """PEM private key for tls_cert."""
+    cors_origins: list[str] = Field(default_factory=list)
+    """Browser origins allowed to call the API and open WebSockets ("*" allows any); same-origin is always allowed."""
+    max_connections: int = Field(256, ge=1)
+    """Open WebSocket connections accepted at once; more are refused with 503."""
+    max_streams_per_connection: int = Field(16, ge=1, le=256)
+    """Audio streams one /asr-multicam connection may hold open."""
+    max_streams: int = Field(64, ge=1)
+    """Audio streams open at once across the whole daemon (microphones included)."""
+    max_frame_bytes: int = Field(1 << 20, ge=1024)
+    """Largest WebSocket frame accepted; a larger one is answered with frame_too_large."""
+    shutdown_timeout_s: float = Field(10.0, gt=0)
+    """Time allowed on SIGTERM to flush streams and close connections before exiting."""
+
+    def bearer_token(self) -> str | None:
+        """The configured token, read from token or token_file."""
+        return _read_secret(self.token, self.token_file, "server.token")
+
+    @field_validator("tls_key")
+    @classmethod
+    def _pair(cls, v: Path | None, info: Any) -> Path | None:
+        if (v is None) != (info.data.get("tls_cert") is None):
+            raise ValueError("tls_cert and tls_key must be set together")
+        return v
+
+
+class StateSettings(_Section):
+    """Where runtime state lives."""
+
+    dir: Path | None = None
+    """Spool and runtime state; default $STATE_DIRECTORY (systemd) or the user's state directory."""
+    min_free_mb: int = Field(200, ge=0)
+    """Free space the state directory must keep; doctor warns and the spool refuses to grow below it."""
+
+    def path(self) -> Path:
+        """The resolved state directory (not created)."""
+        if self.dir is not None:
+            return self.dir
+        systemd_dirs = os.environ.get("STATE_DIRECTORY")
+        if systemd_dirs:
+            return Path(systemd_dirs.split(":")[0])
+        from platformdirs import user_state_dir
+
+        return Path(user_state_dir("edgevoice", appauthor=False))
+
+
+class AsrSettings(_Section):
+    """Speech recognition with faster-whisper (CTranslate2)."""
+
+    model: str = "tiny.en"
+    """A model name from the manifest in models/ (see `edgevoice models list`) or a CTranslate2 model directory."""
+    models_dir: Path | None = None
+    """Where `edgevoice models install` puts models; default <state.dir>/models."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Inference device; auto uses CUDA when CTranslate2 sees a GPU."""
+    device_index: int = Field(0, ge=0)
+    """CUDA device number."""
+    compute_type: Literal["auto", "int8", "int8_float16", "int8_float32", "int8_bfloat16", "float16", "float32"] = (
+        "auto"
+    )
+    """Quantization; auto is int8 on CPU and int8_float16 on CUDA."""
+    language: str | None = None
+    """Default language code (e.g. "vi"); none uses the model's own (English for .en models). Streams may override it."""
+    detect_language: bool = False
+    """Detect the language per utterance when neither stream nor config names one. Off: unreliable on short clips."""
+    cpu_threads: int = Field(0, ge=0)
+    """CTranslate2 intra-op threads; 0 uses all cores."""
+    beam_size: int = Field(1, ge=1, le=10)
+    """Beam width for final segments (partials always use greedy decoding)."""
+    max_batch: int = Field(16, ge=1, le=128)
+    """Most stream windows decoded in one batched call."""
+    partial_interval_s: float = Field(0.5, ge=0.1, le=10)
+    """How often a speaking stream's partial hypothesis is refreshed (skipped first under load)."""
+    vad_threshold: float = Field(0.5, gt=0, lt=1)
+    """Silero VAD speech probability threshold."""
+    min_silence_ms: int = Field(500, ge=100, le=5000)
+    """Silence that ends an utterance and makes its text final."""
+    max_utterance_s: float = Field(15.0, ge=2, le=30)
+    """Longest utterance decoded as one piece; longer speech is committed by the stability rule or cut here."""
+    initial_prompt: str | None = None
+    """Text prompt for the decoder. Off by default: prompting with keywords was measured to invent them."""
+
+    @field_validator("language")
+    @classmethod
+    def _lang(cls, v: str | None) -> str | None:
+        if v is not None and not (2 <= len(v) <= 8 and v.replace("-", "").isalpha()):
+            raise ValueError("must be a language code such as 'en' or 'vi'")
+        return v
+
+
+class KeywordRule(_Section):
+    """One experience event and the phrases that fire it."""
+
+    event: str = Field(pattern=r"^[A-Z][A-Z0-9_]{0,63}$")
+    """Event name sent as EVENT, e.g. SAY_HELLO."""
+    phrases: list[str] = Field(min_length=1)
+    """Phrases that fire the event (any language)."""
+    languages: list[str] = Field(default_factory=list)
+    """Languages this rule applies to; empty means every language."""
+
+
+def _default_rules() -> list[KeywordRule]:
+    return [
+        KeywordRule(event="SAY_HELLO", phrases=["xin chào", "hello"]),
+        KeywordRule(event="SAY_SORRY", phrases=["xin lỗi", "sorry"]),
+    ]
+
+
+class KeywordSettings(_Section):
+    """Keyword rules turning final (and stable partial) text into customer events."""
+
+    rules: list[KeywordRule] = Field(default_factory=_default_rules)
+    """Event rules; reloaded on SIGHUP without dropping streams."""
+    ignore_diacritics: bool = True
+    """Match "xin chao" to "xin chào"."""
+    max_edits: int = Field(1, ge=0, le=3)
+    """Character edits tolerated per phrase of 6+ letters (recognition errors)."""
+    match_partials: bool = False
+    """Also fire on stable partial text for lower latency."""
+    session_end_event: str = Field("SESSION_END", pattern=r"^[A-Z][A-Z0-9_]{0,63}$")
+    """Event sent when the customer's last stream stops."""
+
+
+class EventsSettings(_Section):
+    """Durable delivery of experience events (disk spool + HTTP sender)."""
+
+    url: str | None = None
+    """Experience-event API URL; none keeps events waiting on disk."""
+    timeout_s: float = Field(10.0, gt=0, le=300)
+    """Per-request timeout."""
+    retry_base_s: float = Field(0.5, gt=0)
+    """First retry delay (full-jitter exponential backoff)."""
+    retry_cap_s: float = Field(60.0, gt=0)
+    """Longest retry delay."""
+    concurrency: int = Field(8, ge=1, le=256)
+    """Requests in flight at once (one per customer)."""
+    max_events: int = Field(100_000, ge=10)
+    """Most events kept in the spool."""
+    max_bytes: int = Field(64 << 20, ge=1 << 16)
+    """Most bytes the spool file may use."""
+    full_policy: Literal["refuse_new", "drop_oldest"] = "refuse_new"
+    """What to do when the spool is full; counted and logged either way."""
+    max_age_s: float = Field(7 * 86400, gt=0)
+    """Events older than this move to the dead-letter table."""
+    commit_window_ms: float = Field(2.0, ge=0, le=100)
+    """Group-commit window: events arriving within it share one fsync."""
+
+
+class DiarizationSettings(_Section):
+    """Who spoke: speaker labels on transcripts."""
+
+    backend: Literal["none", "auto", "sortformer", "embedding"] = "none"
+    """none: everyone is "Speaker 1"; sortformer: NeMo on GPU; embedding: light CPU voice embeddings; auto: best the box sustains."""
+    model: str = "diar_streaming_sortformer_4spk-v2"
+    """Sortformer model name from models/ or a path to a .nemo file."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Torch device for Sortformer."""
+    preset: Literal["low_latency", "balanced", "high_accuracy"] = "low_latency"
+    """Sortformer streaming sizes (chunk, context, FIFO, cache)."""
+    max_speakers: int = Field(4, ge=1, le=4)
+    """Most speakers per stream."""
+    similarity_threshold: float = Field(0.7, gt=0, lt=1)
+    """embedding backend: cosine similarity above which a voice joins a known speaker."""
+
+
+class MicSeat(_Section):
+    """One seat (or beamformed group) of a microphone array."""
+
+    stream_id: str = Field(pattern=IDENTIFIER_PATTERN)
+    """Stream id of this seat, e.g. mic_table_05_seat_01."""
+    channels: list[int] = Field(min_length=1)
+    """Device channels (0-based) averaged into this seat."""
+    language: str | None = None
+    """Language for this seat; default asr.language."""
+
+
+class MicDevice(_Section):
+    """A local capture device matched by name."""
+
+    match: str
+    """Regular expression matched against PortAudio device names (stable across boots, unlike indexes)."""
+    samplerate: int | None = Field(None, ge=8000, le=192000)
+    """Capture rate; default the device's native rate (resampled to 16 kHz)."""
+    channels: int | None = Field(None, ge=1, le=64)
+    """Channels to open; default the highest seat channel + 1."""
+    seats: list[MicSeat] = Field(min_length=1)
+    """Seats mapped to stream ids."""
+
+
+class MicSettings(_Section):
+    """Local microphone arrays captured with sounddevice."""
+
+    devices: list[MicDevice] = Field(default_factory=list)
+    """Arrays to capture; empty disables local capture."""
+    reopen_max_s: float = Field(30.0, gt=0)
+    """Longest wait between attempts to reopen a lost device."""
+    buffer_s: float = Field(5.0, gt=0, le=60)
+    """Ring buffer per device; audio beyond it is dropped and counted."""
+
+
+class FunVoiceSettings(_Section):
+    """The FunVoiceChat bridge to Gemini Live."""
+
+    enabled: bool = True
+    """Serve /ws, /ws/tools, /ws/product_info, /connect and the product-info endpoints."""
+    api_key: SecretStr | None = None
+    """Gemini API key; prefer api_key_file or GEMINI_API_KEY/GOOGLE_API_KEY in the environment."""
+    api_key_file: Path | None = None
+    """File holding the Gemini API key."""
+    model: str = "gemini-2.5-flash-native-audio-preview-09-2025"
+    """Live model name."""
+    voice: str | None = None
+    """Prebuilt voice name (e.g. Puck); none uses the model's default."""
+    language: str | None = None
+    """BCP-47 language for speech (e.g. vi-VN)."""
+    system_prompt: str = "You are a friendly restaurant assistant. Answer briefly."
+    """System instruction for every conversation."""
+    api_version: str | None = None
+    """Live API version (e.g. v1beta); none uses GOOGLE_GENAI_API_VERSION or the SDK's default."""
+    base_url: str | None = None
+    """Gemini API base URL; none uses GOOGLE_GEMINI_BASE_URL or the SDK's default."""
+    catalogue: Path | None = None
+    """JSON product catalogue the lookup tool answers from."""
+    public_url: str | None = None
+    """Base URL /connect hands out (e.g. wss://box.example:8000); default from the request."""
+
+    def gemini_api_key(self) -> str | None:
+        """The configured key, else the SDK's environment variables."""
+        key = _read_secret(self.api_key, self.api_key_file, "funvoice.api_key")
+        return key or os.environ.get("GEMINI_API_KEY") or os.environ.get("GOOGLE_API_KEY")
+
+
+class DashboardSettings(_Section):
+    """The live dashboard page and Prometheus metrics."""
+
+    enabled: bool = True
+    """Serve the dashboard at / and its live feed."""
+    metrics: bool = True
+    """Serve Prometheus metrics at /metrics."""
+
+
+class LoggingSettings(_Section):
+    """Logging to journald or stderr."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Log level."""
+    transcripts: bool = True
+    """Log every final transcript line (TRANSCRIPT [...] Speaker N: ...)."""
+
+
+_FILE_DATA: ContextVar[dict[str, Any]] = ContextVar("edgevoice_file_data")
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return _FILE_DATA.get({}).get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_FILE_DATA.get({}))
+
+
+class Settings(BaseSettings):
+    """The whole effective configuration of one daemon."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        frozen=True,
+        extra="forbid",
+        use_attribute_docstrings=True,
+        nested_model_default_partial_update=True,
+    )
+
+    server: ServerSettings = ServerSettings()
+    state: StateSettings = StateSettings()
+    asr: AsrSettings = AsrSettings()
+    keywords: KeywordSettings = KeywordSettings()
+    events: EventsSettings = EventsSettings()
+    diarization: DiarizationSettings = DiarizationSettings()
+    mic: MicSettings = MicSettings()
+    funvoice: FunVoiceSettings = FunVoiceSettings()
+    dashboard: DashboardSettings = DashboardSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _FileSource(settings_cls)
+
+
+def resolve_config_path(path: str | Path | None, env: dict[str, str] | None = None) -> Path | None:
+    """The file to read: explicit, $EDGEVOICE_CONFIG, the system file, or none."""
+    env = os.environ if env is None else env
+    if path:
+        return Path(path)
+    if env.get("EDGEVOICE_CONFIG"):
+        return Path(env["EDGEVOICE_CONFIG"])
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read configuration ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def _lookup(data: Any, loc: tuple[Any, ...]) -> tuple[bool, Any]:
+    for part in loc:
+        if (isinstance(data, dict) and part in data) or (
+            isinstance(data, list) and isinstance(part, int) and part < len(data)
+        ):
+            data = data[part]
+        else:
+            return False, None
+    return True, data
+
+
+def _format_errors(exc: ValidationError, path: Path | None, file_data: dict[str, Any]) -> str:
+    origin = str(path) if path else "embedded defaults"
+    lines = [f"invalid configuration ({origin}):"]
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        env_name = ENV_PREFIX + "__".join(str(p).upper() for p in loc)
+        found, value = _lookup(file_data, loc)
+        if env_name in os.environ:
+            source = f" (from ${env_name})"
+            value, found = os.environ[env_name], True
+        else:
+            source = f" (in {path})" if path and found else ""
+        if "token" in key or "api_key" in key:
+            value = "***"
+        shown = f" = {value!r}" if found else ""
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            parent = loc[:-1]
+            allowed = _allowed_keys(parent)
+            msg = f"unknown key; allowed here: {', '.join(allowed)}" if allowed else "unknown key"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"  {key}{shown}{source}: {msg}")
+    return "\n".join(lines)
+
+
+def _allowed_keys(parent: tuple[Any, ...]) -> list[str]:
+    model: Any = Settings
+    for part in parent:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        model = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None:
+            return []
+    return sorted(getattr(model, "model_fields", {}))
+
+
+def load_settings(path: str | Path | None = None) -> Settings:
+    """Read, merge and validate the configuration; raise :class:`ConfigError` on any problem."""
+    resolved = resolve_config_path(path)
+    data = _read_toml(resolved) if resolved else {}
+    token = _FILE_DATA.set(data)
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, resolved, data)) from None
+    finally:
+        _FILE_DATA.reset(token)
+    # Secrets in files must be readable now, not at the first request.
+    settings.server.bearer_token()
+    settings.funvoice.gemini_api_key()
+    for key, p in (("server.tls_cert", settings.server.tls_cert), ("server.tls_key", settings.server.tls_key)):
+        if p is not None and not p.is_file():
+            raise ConfigError(f"{key} = {str(p)!r}: no such file")
+    return settings
+
+
+def masked_dump(settings: Settings) -> dict[str, Any]:
+    """The effective configuration as plain data with every secret masked."""
+    return settings.model_dump(mode="json")  # SecretStr dumps as '**********'

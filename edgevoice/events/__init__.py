@@ -1,0 +1,1 @@
+"""Customer sessions and keyword events."""

@@ -1,0 +1,72 @@
+"""What recognition produces, and the interface every audio source uses."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+SAMPLE_RATE = 16000
+"""Every stream is fed 16 kHz mono float32."""
+
+
+@dataclass(frozen=True, slots=True)
+class Word:
+    """One recognized word with times in seconds from the stream start."""
+
+    text: str
+    start: float
+    end: float
+    probability: float = 1.0
+    speaker: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Transcript:
+    """A partial hypothesis (may change) or a final segment (never changes)."""
+
+    stream_id: str
+    text: str
+    final: bool
+    start: float
+    """Seconds from the stream start."""
+    end: float
+    words: tuple[Word, ...] = ()
+    speaker: str = "Speaker 1"
+    language: str | None = None
+    segment: int = 0
+    """Per-stream counter; the partials of an utterance share the number of the final(s) they become."""
+
+
+TranscriptCallback = Callable[[Transcript], None]
+"""Called on the event loop for every partial and final of a stream."""
+
+
+class RecognitionStream(Protocol):
+    """One audio stream inside the shared recognizer."""
+
+    stream_id: str
+
+    def feed(self, audio: np.ndarray) -> None:
+        """Append 16 kHz mono float32 samples; cheap, called on the event loop, never blocks."""
+
+    async def finish(self) -> None:
+        """Flush buffered audio; every final has been emitted when this returns."""
+
+    def close(self) -> None:
+        """Drop the stream without flushing."""
+
+    @property
+    def lag_s(self) -> float:
+        """Seconds of received audio not yet recognized."""
+
+
+class Recognizer(Protocol):
+    """The shared engine: one model, a batching scheduler, many streams."""
+
+    def open_stream(
+        self, stream_id: str, *, language: str | None, on_transcript: TranscriptCallback
+    ) -> RecognitionStream:
+        """Start recognizing a new stream."""

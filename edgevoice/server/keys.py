@@ -1,0 +1,22 @@
+"""Application keys shared by every component (aiohttp ``web.AppKey``; no globals)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from edgevoice.config import Settings
+from edgevoice.systemd import Notifier
+
+SETTINGS = web.AppKey("settings", Settings)
+"""The validated configuration."""
+NOTIFIER = web.AppKey("notifier", Notifier)
+"""systemd notify channel (a no-op outside systemd)."""
+HEALTH_SECTIONS = web.AppKey("health_sections", dict[str, Callable[[], Any]])
+"""Extra sections of ``/health``: name -> callable returning JSON-able data."""
+HEALTH_CHECKS = web.AppKey("health_checks", list[Callable[[], bool]])
+"""Liveness checks; the watchdog ping is withheld while any returns False."""
+WEBSOCKETS = web.AppKey("websockets", set[web.WebSocketResponse])
+"""Every open WebSocket, closed on shutdown and counted against server.max_connections."""

@@ -1,0 +1,1 @@
+"""Audio sources: local microphone arrays and /asr-multicam WebSocket clients."""
