@@ -7,6 +7,8 @@ from typing import Protocol
 
 import numpy as np
 
+from edgevoice.config import DiarizationSettings
+from edgevoice.metrics import Metrics
 from edgevoice.recognition.types import Transcript
 
 DEFAULT_SPEAKER = "Speaker 1"
@@ -19,7 +21,12 @@ class DiarizerStream(Protocol):
         """Append 16 kHz mono float32 audio; never blocks (work happens off the loop)."""
 
     def split(self, final: Transcript) -> Sequence[Transcript]:
-        """Label a final segment's words with what is known now; split it where the speaker changes."""
+        """Label a final segment's words and split it where the speaker changes.
+
+        Called by the recognizer OFF the event loop (its worker thread) just before the
+        final is emitted. Must be quick and must never wait for lagging work: it uses
+        what is known now (diarization never delays transcripts).
+        """
 
     def close(self) -> None: ...
 
@@ -50,3 +57,10 @@ class NoDiarizer:
 
     def open_stream(self, stream_id: str) -> DiarizerStream:
         return _NoneStream()
+
+
+def build_diarizer(settings: DiarizationSettings, metrics: Metrics) -> Diarizer:
+    """Load the configured backend (blocking: call it off the event loop)."""
+    if settings.backend == "none":
+        return NoDiarizer()
+    raise NotImplementedError(f"diarization.backend = {settings.backend!r} is not available yet")
