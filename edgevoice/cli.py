@@ -13,7 +13,13 @@ from edgevoice import __version__
 from edgevoice.config import ConfigError, Settings, load_settings, masked_dump
 
 # Commands contributed by components: module path -> its ``register(subparsers)``.
-_COMMAND_MODULES = ("edgevoice.doctor",)
+_COMMAND_MODULES = (
+    "edgevoice.doctor",
+    "edgevoice.delivery.cli",
+    "edgevoice.models_cli",
+    "edgevoice.transcribe",
+    "edgevoice.sources.devices_cli",
+)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -25,6 +31,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from edgevoice.logs import setup_logging
 
     settings = _settings(args)
+    if getattr(args, "config", None):  # SIGHUP reloads re-read the same file
+        import os
+
+        os.environ["EDGEVOICE_CONFIG"] = os.path.abspath(args.config)
     setup_logging(settings.logging.level)
     return asyncio.run(serve(settings))
 

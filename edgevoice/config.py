@@ -11,12 +11,13 @@ and what is allowed.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 if sys.version_info >= (3, 11):
@@ -146,6 +147,10 @@ class AsrSettings(_Section):
     """Longest utterance decoded as one piece; longer speech is committed by the stability rule or cut here."""
     initial_prompt: str | None = None
     """Text prompt for the decoder. Off by default: prompting with keywords was measured to invent them."""
+    window: Literal["fit", "full"] = "fit"
+    """Encoder window: fit encodes only the utterance (+1 s, 4-7x cheaper; a looping item is redone in full); full always encodes Whisper's 30 s."""
+    max_backlog_s: float = Field(60.0, ge=5, le=600)
+    """Audio one stream may have waiting for recognition; beyond it the oldest is dropped, counted and logged."""
 
     @field_validator("language")
     @classmethod
@@ -202,15 +207,24 @@ class EventsSettings(_Section):
     concurrency: int = Field(8, ge=1, le=256)
     """Requests in flight at once (one per customer)."""
     max_events: int = Field(100_000, ge=10)
-    """Most events kept in the spool."""
+    """Most events waiting in the spool (dead letters not counted; they count against max_bytes)."""
     max_bytes: int = Field(64 << 20, ge=1 << 16)
-    """Most bytes the spool file may use."""
+    """Most bytes of events and dead letters kept in the spool (counted per row with index overhead)."""
     full_policy: Literal["refuse_new", "drop_oldest"] = "refuse_new"
-    """What to do when the spool is full; counted and logged either way."""
+    """When full: refuse_new fails submit; drop_oldest drops the oldest dead letters, then the oldest waiting events. Counted and logged."""
     max_age_s: float = Field(7 * 86400, gt=0)
     """Events older than this move to the dead-letter table."""
     commit_window_ms: float = Field(2.0, ge=0, le=100)
     """Group-commit window: events arriving within it share one fsync."""
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        from urllib.parse import urlsplit
+
+        if v is not None and (urlsplit(v).scheme not in ("http", "https") or not urlsplit(v).hostname):
+            raise ValueError("must be an http:// or https:// URL with a host, e.g. http://experience-api.lan:4000/api/v1/experience-event")
+        return v
 
 
 class DiarizationSettings(_Section):
@@ -221,13 +235,71 @@ class DiarizationSettings(_Section):
     model: str = "diar_streaming_sortformer_4spk-v2"
     """Sortformer model name from models/ or a path to a .nemo file."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Torch device for Sortformer."""
+    """Torch device for the sortformer and embedding backends; auto uses CUDA when torch sees a GPU."""
     preset: Literal["low_latency", "balanced", "high_accuracy"] = "low_latency"
-    """Sortformer streaming sizes (chunk, context, FIFO, cache)."""
+    """Sortformer streaming sizes: low_latency (1.04 s), balanced (2 s), high_accuracy (10 s); the *_frames keys override one size."""
+    chunk_frames: int | None = Field(None, ge=1, le=1000)
+    """Sortformer: new 80 ms frames per streaming step; none takes the preset's."""
+    left_context_frames: int | None = Field(None, ge=0, le=100)
+    """Sortformer: frames of past context given to each step; none takes the preset's."""
+    right_context_frames: int | None = Field(None, ge=0, le=100)
+    """Sortformer: frames of look-ahead per step (adds latency); none takes the preset's."""
+    fifo_frames: int | None = Field(None, ge=0, le=1000)
+    """Sortformer: recent frames kept in the FIFO before they move to the speaker cache; none takes the preset's."""
+    cache_frames: int | None = Field(None, ge=16, le=1000)
+    """Sortformer: frames in the speaker cache (at least 4 per speaker + silence); none takes the preset's."""
+    cache_update_frames: int | None = Field(None, ge=1, le=2000)
+    """Sortformer: frames moved from the FIFO to the speaker cache per update; none takes the preset's."""
     max_speakers: int = Field(4, ge=1, le=4)
     """Most speakers per stream."""
     similarity_threshold: float = Field(0.7, gt=0, lt=1)
     """embedding backend: cosine similarity above which a voice joins a known speaker."""
+    cpu_threads: int = Field(1, ge=0, le=64)
+    """Torch intra-op threads when diarizing on the CPU (leaves the cores to recognition); 0 keeps torch's default."""
+    max_lag_s: float = Field(30.0, ge=2, le=600)
+    """Audio one stream may have waiting for diarization; beyond it the oldest is skipped (its words keep the speaker known)."""
+
+    def streaming(self) -> dict[str, int]:
+        """The Sortformer streaming sizes in 80 ms frames: the preset with the overrides applied."""
+        sizes = dict(SORTFORMER_PRESETS[self.preset])
+        for key, field in _SORTFORMER_OVERRIDES.items():
+            value = getattr(self, field)
+            if value is not None:
+                sizes[key] = value
+        return sizes
+
+    @model_validator(mode="after")
+    def _check_streaming(self) -> DiarizationSettings:
+        s = self.streaming()
+        if not s["chunk_len"] <= s["spkcache_update_period"] <= s["fifo_len"] + s["chunk_len"]:
+            raise ValueError(
+                f"cache_update_frames ({s['spkcache_update_period']}) must be between chunk_frames ({s['chunk_len']}) "
+                f"and fifo_frames + chunk_frames ({s['fifo_len'] + s['chunk_len']})"
+            )
+        return self
+
+
+_SORTFORMER_OVERRIDES = {
+    "chunk_len": "chunk_frames",
+    "chunk_left_context": "left_context_frames",
+    "chunk_right_context": "right_context_frames",
+    "fifo_len": "fifo_frames",
+    "spkcache_len": "cache_frames",
+    "spkcache_update_period": "cache_update_frames",
+}
+"""Sortformer streaming parameter -> the diarization key overriding it."""
+
+# NVIDIA's published streaming settings for diar_streaming_sortformer_4spk-v2, in 80 ms frames, in the
+# order above; latency = (chunk_len + chunk_right_context) * 80 ms.
+SORTFORMER_PRESETS: dict[str, dict[str, int]] = {
+    name: dict(zip(_SORTFORMER_OVERRIDES, sizes, strict=True))
+    for name, sizes in {
+        "low_latency": (6, 1, 7, 188, 188, 144),
+        "balanced": (15, 1, 10, 188, 188, 144),
+        "high_accuracy": (124, 1, 1, 124, 188, 124),
+    }.items()
+}
+"""Sortformer streaming sizes per ``diarization.preset``."""
 
 
 class MicSeat(_Section):
@@ -239,6 +311,13 @@ class MicSeat(_Section):
     """Device channels (0-based) averaged into this seat."""
     language: str | None = None
     """Language for this seat; default asr.language."""
+
+    @field_validator("channels")
+    @classmethod
+    def _seat_channels(cls, v: list[int]) -> list[int]:
+        if any(c < 0 for c in v) or len(set(v)) != len(v):
+            raise ValueError("must be distinct channel numbers from 0")
+        return v
 
 
 class MicDevice(_Section):
@@ -253,6 +332,22 @@ class MicDevice(_Section):
     seats: list[MicSeat] = Field(min_length=1)
     """Seats mapped to stream ids."""
 
+    @field_validator("match")
+    @classmethod
+    def _regex(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _fits(self) -> MicDevice:
+        highest = max(c for seat in self.seats for c in seat.channels)
+        if self.channels is not None and highest >= self.channels:
+            raise ValueError(f"a seat uses channel {highest} but only {self.channels} channels are opened")
+        return self
+
 
 class MicSettings(_Section):
     """Local microphone arrays captured with sounddevice."""
@@ -263,6 +358,18 @@ class MicSettings(_Section):
     """Longest wait between attempts to reopen a lost device."""
     buffer_s: float = Field(5.0, gt=0, le=60)
     """Ring buffer per device; audio beyond it is dropped and counted."""
+    stall_s: float = Field(3.0, ge=0.2, le=300)
+    """A device that delivers no audio for this long is closed and reopened."""
+
+    @model_validator(mode="after")
+    def _unique(self) -> MicSettings:
+        seen: set[str] = set()
+        for device in self.devices:
+            for seat in device.seats:
+                if seat.stream_id in seen:
+                    raise ValueError(f"stream_id {seat.stream_id!r} is used by more than one seat")
+                seen.add(seat.stream_id)
+        return self
 
 
 class FunVoiceSettings(_Section):
@@ -283,13 +390,32 @@ class FunVoiceSettings(_Section):
     system_prompt: str = "You are a friendly restaurant assistant. Answer briefly."
     """System instruction for every conversation."""
     api_version: str | None = None
-    """Live API version (e.g. v1beta); none uses GOOGLE_GENAI_API_VERSION or the SDK's default."""
+    """Live API version (e.g. v1beta); none uses GOOGLE_GENAI_API_VERSION, else v1beta (the Live API's)."""
     base_url: str | None = None
     """Gemini API base URL; none uses GOOGLE_GEMINI_BASE_URL or the SDK's default."""
+    ca_file: Path | None = None
+    """PEM CA bundle trusted for the Gemini endpoint (e.g. a TLS-inspecting proxy); none uses SSL_CERT_FILE or certifi."""
     catalogue: Path | None = None
-    """JSON product catalogue the lookup tool answers from."""
+    """JSON product catalogue the lookup tool answers from: a list of products (or {"products": [...]}), each with "id" and "name"."""
+    pages: list[str] = Field(default_factory=list)
+    """Front-end pages the model may navigate to (e.g. menu, cart); empty allows any page name."""
     public_url: str | None = None
     """Base URL /connect hands out (e.g. wss://box.example:8000); default from the request."""
+    max_sessions: int = Field(32, ge=1, le=1024)
+    """Conversations (/ws) open at once; more are refused with too_many_sessions."""
+    connect_timeout_s: float = Field(10.0, gt=0, le=120)
+    """Time allowed to open a Live session before the client is told Gemini is unreachable."""
+    reconnect_attempts: int = Field(5, ge=0, le=100)
+    """Reconnections tried (with backoff) when a Live connection drops mid-conversation before giving up."""
+    health_interval_s: float = Field(300.0, ge=10)
+    """How often /health's llm_service.available is re-probed with a short Live session when no conversation has checked it."""
+
+    @field_validator("base_url", "public_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://", "ws://", "wss://")):
+            raise ValueError("must be an absolute URL such as https://host:port")
+        return v
 
     def gemini_api_key(self) -> str | None:
         """The configured key, else the SDK's environment variables."""
@@ -304,6 +430,10 @@ class DashboardSettings(_Section):
     """Serve the dashboard at / and its live feed."""
     metrics: bool = True
     """Serve Prometheus metrics at /metrics."""
+    snapshot_interval_s: float = Field(1.0, ge=0.1, le=60)
+    """How often the live feed sends a status snapshot (spool, per-stream lag and level, devices, model, Gemini)."""
+    history: int = Field(300, ge=0, le=10000)
+    """Recent feed messages (stream starts and stops, final text, keyword events, deliveries) replayed to a page that connects."""
 
 
 class LoggingSettings(_Section):

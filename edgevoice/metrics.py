@@ -70,6 +70,11 @@ class Metrics:
         self.diarization_seconds = Counter(
             "edgevoice_diarization_seconds", "Compute seconds spent on diarization", ["backend"], registry=r
         )
+        self.recognition_dropped = Counter(
+            "edgevoice_recognition_dropped_seconds",
+            "Audio dropped unrecognized because a stream's backlog exceeded asr.max_backlog_s",
+            registry=r,
+        )
 
 
 METRICS = web.AppKey("metrics", Metrics)

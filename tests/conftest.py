@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.daemon import Daemon
+from tests.support.receiver import Receiver
 
 
 @pytest.fixture
@@ -25,3 +26,10 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     yield make
     for d in started:
         d.close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    """A real experience-event API on 127.0.0.1 (see tests/support/receiver.py)."""
+    with Receiver() as rx:
+        yield rx

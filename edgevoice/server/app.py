@@ -46,12 +46,20 @@ def build_app(settings: Settings, notifier: Notifier | None = None) -> web.Appli
 
     # Data flow: delivery first (it must be up before anything can fire events),
     # then recognition, then the sources feeding it; the FunVoiceChat bridge beside.
-    from edgevoice import delivery, recognition
+    from edgevoice import dashboard, delivery, funvoice, recognition
 
     app.cleanup_ctx.append(_state_dir_ctx)
+    funvoice.setup(app)  # first: /health leads with the FunVoiceChat document's sections, in its order
     delivery.setup(app)
     recognition.setup(app)
+    from edgevoice.events import hub as stream_hub
+    from edgevoice.sources import mic, multicam
+
+    stream_hub.setup(app)  # every audio source opens its streams here; routes finals to customer events
+    multicam.setup(app)
+    mic.setup(app)  # local microphone arrays: one hub stream per seat, plus the seat binding endpoints
     health.setup(app)
+    dashboard.setup(app)  # last: its feed subscribes to the hub and the queue set up above
     return app
 
 

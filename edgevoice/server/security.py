@@ -55,7 +55,7 @@ def security_middleware(server: ServerSettings) -> Callable[[web.Request, Handle
                     {"error": "origin_not_allowed", "message": f"origin {origin} is not in server.cors_origins"},
                     status=403,
                 )
-            if token is not None and request.path not in _PUBLIC_PATHS:
+            if token is not None and not _is_public(request.path):
                 presented = request_token(request)
                 if presented is None or not hmac.compare_digest(presented.encode(), token.encode()):
                     resp = web.json_response(
@@ -82,7 +82,12 @@ def security_middleware(server: ServerSettings) -> Callable[[web.Request, Handle
 
 
 # Static assets of the dashboard carry no data; the page passes its token on to the API.
-_PUBLIC_PATHS: frozenset[str] = frozenset({"/favicon.ico"})
+_PUBLIC_PATHS: frozenset[str] = frozenset({"/favicon.ico", "/", "/examples/voice.html"})
+_PUBLIC_PREFIXES: tuple[str, ...] = ("/dashboard/static/",)
+
+
+def _is_public(path: str) -> bool:
+    return path in _PUBLIC_PATHS or (path.startswith(_PUBLIC_PREFIXES) and "/.." not in path)
 
 
 def _with_cors(resp: web.StreamResponse, origin: str | None) -> web.StreamResponse:

@@ -1,0 +1,199 @@
+"""The daemon's :class:`~edgevoice.delivery.api.EventQueue`: the spool plus the sender, metrics and health; its wiring."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from edgevoice.config import EventsSettings
+from edgevoice.delivery import store
+from edgevoice.delivery.api import EVENT_QUEUE, DeliveryState, DeliveryUpdate, SpoolFull
+from edgevoice.delivery.sender import Sender
+from edgevoice.delivery.spool import Spool
+from edgevoice.delivery.store import Event
+from edgevoice.metrics import METRICS, Metrics
+from edgevoice.server.keys import HEALTH_CHECKS, HEALTH_SECTIONS, SETTINGS
+
+log = logging.getLogger("edgevoice.delivery")
+
+MAX_ID_CHARS = 256
+
+
+def _check(name: str, value: object, limit: int) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+    if len(value) > limit:
+        raise ValueError(f"{name} is {len(value)} characters long; at most {limit} are allowed")
+
+
+class DeliveryService:
+    """Accepts events durably (:meth:`submit`) and delivers them in the background."""
+
+    def __init__(
+        self,
+        settings: EventsSettings,
+        state_dir: Path,
+        *,
+        min_free_mb: int = 0,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.spool = Spool(store.spool_path(state_dir), settings, min_free_mb=min_free_mb, listener=self)
+        self.sender = Sender(settings, self.spool, notify=self._notify, metrics=metrics)
+        self._subscribers: list[Callable[[DeliveryUpdate], None]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._started = False
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the spool (off the loop), load what waits, start sending when a URL is configured."""
+        waiting = await self.spool.open()
+        self.sender.add(waiting)
+        self._started = True
+        if waiting:
+            log.info("spool %s: %d event(s) waiting from before", self.spool.path, len(waiting))
+        if self.settings.url:
+            self._task = asyncio.create_task(self.sender.run(), name="event-sender")
+        else:
+            log.warning(
+                "events.url is not set: experience events are kept on disk in %s and not sent (%d waiting)",
+                self.spool.path,
+                len(waiting),
+            )
+        m = self.metrics
+        if m is not None:
+            m.spool_depth.set_function(lambda: self.spool.counts.waiting)
+            m.spool_dead.set_function(lambda: self.spool.counts.dead)
+            m.spool_oldest_age.set_function(self._oldest_age)
+
+    async def close(self) -> None:
+        """Stop sending (in-flight requests are abandoned and resent after restart), commit and close the spool."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.spool.close()
+
+    @property
+    def alive(self) -> bool:
+        """False when the writer thread or the sender died (withholds the watchdog ping)."""
+        if not self._started:
+            return True
+        return self.spool.alive and (self._task is None or not self._task.done())
+
+    # -- EventQueue ----------------------------------------------------------
+
+    async def submit(self, customer_id: str, event: str, *, session_id: str | None = None) -> str:
+        """Commit the event to disk; return its id once durable. Raises SpoolFull (bounds), ValueError (bad input)."""
+        _check("customer_id", customer_id, MAX_ID_CHARS)
+        _check("event", event, MAX_ID_CHARS)
+        if session_id is not None:
+            _check("session_id", session_id, MAX_ID_CHARS)
+        event_id = str(uuid.uuid4())
+        try:
+            await self.spool.append(event_id, customer_id, event, session_id)
+        except SpoolFull as exc:
+            self._spool_count("refused")
+            self._notify(DeliveryUpdate(event_id, customer_id, event, "dropped", str(exc)))
+            raise
+        self._spool_count("accepted")
+        self._notify(DeliveryUpdate(event_id, customer_id, event, "waiting", "accepted"))
+        return event_id
+
+    def subscribe(self, callback: Callable[[DeliveryUpdate], None]) -> Callable[[], None]:
+        self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            with contextlib.suppress(ValueError):
+                self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    def _notify(self, update: DeliveryUpdate) -> None:
+        for cb in list(self._subscribers):
+            try:
+                cb(update)
+            except Exception:
+                log.exception("delivery subscriber failed")
+
+    # -- SpoolListener ---------------------------------------------------------
+
+    def spool_added(self, events: list[Event]) -> None:
+        self.sender.add(events)
+
+    def spool_removed(self, events: list[Event], state: DeliveryState, detail: str) -> None:
+        self.sender.remove(events)
+        self._spool_count("dropped" if state == "dropped" else "expired", len(events))
+        for ev in events:
+            self._notify(DeliveryUpdate(ev.id, ev.customer_id, ev.event, state, detail))
+
+    # -- observability ---------------------------------------------------------
+
+    def _spool_count(self, outcome: str, n: int = 1) -> None:
+        if self.metrics is not None:
+            self.metrics.spool_events.labels(outcome).inc(n)
+
+    def _oldest_age(self) -> float:
+        oldest = self.sender.oldest_created()
+        return 0.0 if oldest is None else max(0.0, time.time() - oldest)
+
+    def health(self) -> dict[str, Any]:
+        """The ``spool`` section of ``/health``."""
+        sp, se = self.spool, self.sender
+        oldest = se.oldest_created()
+        return {
+            "path": str(sp.path),
+            "waiting": sp.counts.waiting,
+            "dead": sp.counts.dead,
+            "customers": len(se.pending),
+            "in_flight": len(se.inflight),
+            "oldest_age_s": None if oldest is None else round(max(0.0, time.time() - oldest), 3),
+            "data_bytes": sp.counts.waiting_bytes + sp.counts.dead_bytes,
+            "sending": bool(self.settings.url),
+            "paused_s": round(max(0.0, se.paused_until - time.monotonic()), 3),
+            "last_error": se.last_error or sp.stats.last_error,
+            "commits": sp.stats.commits,
+            "refused": sp.stats.refused,
+            "dropped": sp.stats.dropped,
+            "expired": sp.stats.expired,
+            "full": sp.stats.full_reason if sp.stats.refused or sp.stats.dropped else None,
+            "moved_aside": str(sp.moved_aside) if sp.moved_aside else None,
+            "writer_alive": sp.alive,
+        }
+
+
+DELIVERY = web.AppKey("delivery", DeliveryService)
+"""The concrete service behind ``app[EVENT_QUEUE]`` (spool and sender internals for health and tests)."""
+
+
+async def _ctx(app: web.Application) -> AsyncIterator[None]:
+    service = app[DELIVERY]
+    await service.start()
+    try:
+        yield
+    finally:
+        await service.close()
+
+
+def setup_app(app: web.Application) -> None:
+    """Wire the service into the application (see :func:`edgevoice.delivery.setup`)."""
+    settings = app[SETTINGS]
+    service = DeliveryService(
+        settings.events, settings.state.path(), min_free_mb=settings.state.min_free_mb, metrics=app[METRICS]
+    )
+    app[DELIVERY] = service
+    app[EVENT_QUEUE] = service
+    app[HEALTH_SECTIONS]["spool"] = service.health
+    app[HEALTH_CHECKS].append(lambda: service.alive)
+    app.cleanup_ctx.append(_ctx)

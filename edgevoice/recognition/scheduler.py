@@ -1,0 +1,235 @@
+"""The inference thread: VAD for every stream, then one batched decode of the most urgent work.
+
+Each cycle, in ONE dedicated thread (CTranslate2 releases the GIL while it computes):
+
+1. every stream's queued audio goes through Silero VAD and endpointing (cheap:
+   about 2.5 ms per second of audio);
+2. a batch is planned: finals first, oldest first across all streams (no stream
+   starves, at most ``asr.max_batch`` decodes); then partials, the longest-waiting
+   first, only as many as fit in a time budget of ``asr.partial_interval_s``
+   estimated from the measured cost per item. Under load partials are therefore
+   skipped (counted in ``edgevoice_partials_skipped``) before finals wait;
+3. the batch is decoded with one engine call and results are sent to the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from edgevoice.config import AsrSettings
+from edgevoice.metrics import Metrics
+from edgevoice.recognition.engine import DecodeRequest, Engine
+from edgevoice.recognition.stream import FinalJob, PartialJob, Stream
+
+log = logging.getLogger(__name__)
+
+IDLE_CYCLE_S = 0.03
+"""Shortest cycle when there is nothing to decode (audio arrives in small chunks; VAD them in bulk)."""
+STALL_S = 60.0
+"""A cycle older than this marks the recognizer unhealthy (a decode hung)."""
+
+
+@dataclass(slots=True)
+class _Item:
+    stream: Stream
+    job: FinalJob | PartialJob
+
+
+class Scheduler:
+    """Owns the streams' worker-side state and the single inference thread."""
+
+    def __init__(self, engine: Engine, settings: AsrSettings, metrics: Metrics) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.metrics = metrics
+        self._streams: dict[str, Stream] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="edgevoice-asr", daemon=True)
+        self._item_cost = 0.15  # EMA of seconds per decoded item, refined from measurements
+        self.last_cycle = time.monotonic()
+        self.batches = 0
+        self.partials_skipped = 0
+        self.errors = 0
+
+    # -- control (event loop) ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the thread (blocking: call it off the loop); unfinished streams are closed."""
+        self._stop = True
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        with self._lock:
+            streams = list(self._streams.values())
+            self._streams.clear()
+        for s in streams:
+            s.closed = True
+            s.resolve_finish()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def add(self, stream: Stream) -> None:
+        with self._lock:
+            if stream.stream_id in self._streams:
+                raise ValueError(f"stream {stream.stream_id!r} is already open")
+            self._streams[stream.stream_id] = stream
+        self._wake.set()
+
+    def streams(self) -> list[Stream]:
+        with self._lock:
+            return list(self._streams.values())
+
+    @property
+    def alive(self) -> bool:
+        """The thread runs and its last cycle is recent."""
+        return self._thread.is_alive() and time.monotonic() - self.last_cycle < STALL_S
+
+    # -- the thread ----------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop:
+            started = time.monotonic()
+            try:
+                decoded = self._cycle()
+            except Exception:
+                self.errors += 1
+                log.exception("recognition cycle failed")
+                decoded = False
+            self.last_cycle = time.monotonic()
+            if not decoded:
+                self._wake.wait(timeout=0.25)
+                self._wake.clear()
+                rest = IDLE_CYCLE_S - (time.monotonic() - started)
+                if rest > 0 and not self._stop:
+                    time.sleep(rest)
+
+    def _cycle(self) -> bool:
+        streams = self.streams()
+        for s in streams:
+            if s.closed:
+                self._remove(s)
+                continue
+            if s.diarizer is None and s.diarizer_factory is not None:
+                s.diarizer = s.diarizer_factory()
+            s.ingest(self._dropped)
+        streams = [s for s in streams if not s.closed]
+        for s in streams:
+            self._emit_ready(s)
+        items = self._plan(streams, time.monotonic())
+        if items:
+            self._decode(items)
+        for s in streams:
+            self._emit_ready(s)
+            s.settle()
+            self.metrics.recognition_lag.labels(s.stream_id).set(s.lag_s)
+            if s.finishing and s.flushed and not s.finals and not s.closed:
+                s.resolve_finish()
+                self._remove(s)
+        return bool(items)
+
+    def _remove(self, s: Stream) -> None:
+        with self._lock:
+            if self._streams.get(s.stream_id) is s:
+                del self._streams[s.stream_id]
+        if s.diarizer is not None:
+            try:
+                s.diarizer.close()
+            except Exception:
+                log.exception("stream %s: diarizer close failed", s.stream_id)
+        with contextlib.suppress(KeyError):
+            self.metrics.recognition_lag.remove(s.stream_id)
+
+    def _dropped(self, stream: Stream, seconds: float) -> None:
+        self.metrics.recognition_dropped.inc(seconds)
+
+    def _plan(self, streams: list[Stream], now: float) -> list[_Item]:
+        limit = self.settings.max_batch
+        finals = sorted(
+            ((job.ready, i, s, job) for i, s in enumerate(streams) for job in s.finals if job.result is None),
+            key=lambda x: (x[0], x[1]),
+        )
+        items = [_Item(s, job) for _, _, s, job in finals[:limit]]
+        due = [s for s in streams if not s.finishing and s.partial_due(now)]
+        if not due:
+            return items
+        due.sort(key=lambda s: s.partial_due_since or now)
+        budget = self.settings.partial_interval_s - self._item_cost * len(items)
+        room = min(limit - len(items), int(budget / max(self._item_cost, 1e-3)))
+        if not items:
+            room = max(room, 1)
+        chosen = due[: max(0, room)]
+        items += [_Item(s, s.partial_job()) for s in chosen]
+        interval = self.settings.partial_interval_s
+        for s in due[len(chosen) :]:
+            if s.partial_due_since is not None and now - s.partial_due_since >= interval:
+                self.partials_skipped += 1
+                self.metrics.partials_skipped.inc()
+                s.partial_due_since = now
+        return items
+
+    def _decode(self, items: list[_Item]) -> None:
+        beam = self.settings.beam_size
+        requests = []
+        for it in items:
+            if isinstance(it.job, FinalJob):
+                requests.append(DecodeRequest(it.job.audio, it.stream.language, beam, retry=True, words=True))
+            else:
+                words = len(it.job.audio) >= it.stream.words_from
+                requests.append(DecodeRequest(it.job.audio, it.stream.language, 1, retry=False, words=words))
+        n_final = sum(isinstance(it.job, FinalJob) for it in items)
+        kind = "final" if n_final == len(items) else "partial" if n_final == 0 else "mixed"
+        started = time.monotonic()
+        try:
+            results = self.engine.decode(requests)
+        except Exception:
+            self.errors += 1
+            log.exception("decode of %d window(s) failed; their finals are dropped", len(items))
+            for it in items:
+                if isinstance(it.job, FinalJob):
+                    it.job.result = _empty()
+            return
+        elapsed = time.monotonic() - started
+        self.batches += 1
+        self.metrics.batch_size.labels(kind).observe(len(items))
+        self.metrics.inference_seconds.labels(kind).observe(elapsed)
+        self._item_cost = 0.7 * self._item_cost + 0.3 * (elapsed / len(items))
+        log.debug(
+            "decoded %d window(s) (%s, longest %.1f s) in %.3f s",
+            len(items),
+            kind,
+            max(len(r.audio) for r in requests) / 16000,
+            elapsed,
+        )
+        for it, res in zip(items, results, strict=True):
+            if isinstance(it.job, FinalJob):
+                it.job.result = res
+        for it, res in zip(items, results, strict=True):
+            if isinstance(it.job, PartialJob):
+                self._emit_ready(it.stream)  # finals of earlier segments go first
+                it.stream.apply_partial(it.job, res)
+
+    def _emit_ready(self, s: Stream) -> None:
+        """Emit the stream's leading finals whose text is known, in order."""
+        while s.finals and s.finals[0].result is not None and not s.closed:
+            job = s.finals.popleft()
+            emitted = s.apply_final(job, job.result)
+            if emitted:
+                self.metrics.words.inc(sum(len(t.words) for t in emitted))
+                if job.speech_end_wall is not None:
+                    self.metrics.final_latency.observe(time.monotonic() - job.speech_end_wall)
+
+
+def _empty() -> object:
+    from edgevoice.recognition.engine import Decoded
+
+    return Decoded("")

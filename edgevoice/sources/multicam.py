@@ -1,0 +1,386 @@
+"""``/asr-multicam``: several audio streams per WebSocket (AUDIO_STREAM_SCHEMA.md, version 1).
+
+Text frames carry JSON control messages, binary frames one channel byte then
+PCM. Every bad input is answered with an ``error`` message and the connection
+and its other streams go on. Messages to the client go through a bounded
+outbox written by its own task: a client that does not read never stalls
+recognition or other clients; its stale partials are dropped first, and one
+that falls ``MAX_QUEUED`` messages behind is disconnected (its streams are
+stopped as on any disconnect).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from edgevoice.config import IDENTIFIER_PATTERN, ServerSettings
+from edgevoice.events.hub import STREAM_HUB, HubStream, StreamError, StreamHub
+from edgevoice.server.keys import SETTINGS, WEBSOCKETS
+from edgevoice.sources.pcm import FORMATS, MAX_RATE, MIN_RATE, PcmDecoder
+
+log = logging.getLogger(__name__)
+
+PATH = "/asr-multicam"
+SOURCE = "multicam"
+MAX_QUEUED = 1024
+"""Messages waiting for a client before it is disconnected as too slow."""
+MAX_QUEUED_PARTIALS = 64
+"""Above this many waiting messages, new partial transcripts are dropped."""
+HEARTBEAT_S = 30.0
+
+_IDENTIFIER = re.compile(IDENTIFIER_PATTERN)
+_LANGUAGE = re.compile(r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{1,8})?$")
+
+Message = dict[str, Any]
+
+
+class ProtocolError(Exception):
+    """Bad client input: answered with an ``error`` message, the connection stays open."""
+
+    def __init__(self, code: str, message: str, stream_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.stream_id = stream_id
+
+    def to_message(self) -> Message:
+        msg: Message = {"type": "error", "code": self.code, "message": self.message}
+        if self.stream_id is not None:
+            msg["stream_id"] = self.stream_id
+        return msg
+
+
+@dataclass(frozen=True, slots=True)
+class StartRequest:
+    """A validated ``audio_stream_start``."""
+
+    session_id: str
+    customer_id: str
+    stream_id: str
+    channel: int
+    format: str
+    sample_rate: int
+    channels: int
+    language: str | None
+
+
+def _identifier(obj: Message, name: str) -> str:
+    if name not in obj or obj[name] is None:
+        raise ProtocolError("missing_field", f"{name} is required")
+    value = obj[name]
+    if not isinstance(value, str) or not _IDENTIFIER.fullmatch(value):
+        raise ProtocolError(
+            "bad_identifier", f"{name} must be 1–128 characters from [A-Za-z0-9_.:@-], got {_show(value)}"
+        )
+    return value
+
+
+def _int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def parse_start(obj: Message) -> StartRequest:
+    """Validate an ``audio_stream_start``; raises ProtocolError naming the bad field."""
+    stream_id = _identifier(obj, "stream_id")
+    try:
+        session_id = _identifier(obj, "session_id")
+        customer_id = _identifier(obj, "customer_id")
+        channel = _int(obj.get("channel", 0))
+        if channel is None or not 0 <= channel <= 255:
+            raise ProtocolError("bad_channel", f"channel must be an integer 0–255, got {_show(obj.get('channel'))}")
+        fmt = obj.get("format", "pcm_s16le")
+        if fmt not in FORMATS:
+            raise ProtocolError("unsupported_format", f"format must be one of {', '.join(FORMATS)}, got {_show(fmt)}")
+        rate = _int(obj.get("sample_rate", 16000))
+        if rate is None or not MIN_RATE <= rate <= MAX_RATE:
+            raise ProtocolError(
+                "bad_sample_rate",
+                f"sample_rate must be an integer {MIN_RATE}–{MAX_RATE}, got {_show(obj.get('sample_rate'))}",
+            )
+        channels = _int(obj.get("channels", 1))
+        if channels not in (1, 2):
+            raise ProtocolError(
+                "unsupported_format", f"channels must be 1 (mono) or 2 (stereo), got {_show(obj.get('channels'))}"
+            )
+        language = obj.get("language")
+        if language is not None and not (isinstance(language, str) and _LANGUAGE.fullmatch(language)):
+            raise ProtocolError("bad_language", f"language must be a code such as 'en' or 'vi', got {_show(language)}")
+    except ProtocolError as exc:
+        exc.stream_id = stream_id
+        raise
+    return StartRequest(session_id, customer_id, stream_id, channel, fmt, rate, channels, language)
+
+
+def parse_text(data: str) -> Message:
+    """A control message as a dict with a string ``type``; raises ProtocolError."""
+    try:
+        obj = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError("bad_json", f"text frame is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("bad_json", f"a control message must be a JSON object, got {type(obj).__name__}")
+    if "type" not in obj:
+        raise ProtocolError("missing_field", "type is required")
+    if not isinstance(obj["type"], str):
+        raise ProtocolError("unknown_type", f"type must be a string, got {_show(obj['type'])}")
+    return obj
+
+
+class Outbox:
+    """Bounded queue of messages to one client, written by its own task."""
+
+    def __init__(self, ws: web.WebSocketResponse, max_queued: int = MAX_QUEUED) -> None:
+        self.ws = ws
+        self.max_queued = max_queued
+        self._queue: deque[Message] = deque()
+        self._partials: dict[str, Message] = {}
+        self._wake = asyncio.Event()
+        self.closed = False
+        self.dropped_partials = 0
+        self.overflowed = False
+
+    def put(self, msg: Message) -> None:
+        """Queue a message (never blocks)."""
+        if self.closed:
+            return
+        if msg.get("type") == "transcript" and not msg.get("final"):
+            stale = self._partials.pop(msg["stream_id"], None)
+            if stale is not None:  # superseded by the newer hypothesis
+                with contextlib.suppress(ValueError):
+                    self._queue.remove(stale)
+                self.dropped_partials += 1
+            if len(self._queue) >= MAX_QUEUED_PARTIALS:
+                self.dropped_partials += 1
+                return
+            self._partials[msg["stream_id"]] = msg
+        elif len(self._queue) >= self.max_queued:
+            while self._partials and len(self._queue) >= self.max_queued:
+                _, stale = self._partials.popitem()
+                with contextlib.suppress(ValueError):
+                    self._queue.remove(stale)
+                self.dropped_partials += 1
+            if len(self._queue) >= self.max_queued:
+                self.overflowed = True
+                self.close()
+                return
+        self._queue.append(msg)
+        self._wake.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Write queued messages until closed; a send error ends the connection's output."""
+        while True:
+            while not self._queue:
+                if self.closed:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+            if self.overflowed:
+                return
+            msg = self._queue.popleft()
+            if msg.get("type") == "transcript" and self._partials.get(msg["stream_id"]) is msg:
+                del self._partials[msg["stream_id"]]
+            try:
+                await self.ws.send_str(json.dumps(msg, ensure_ascii=False))
+            except Exception as exc:  # the peer went away
+                log.debug("send failed: %s", exc)
+                self.closed = True
+                return
+
+
+@dataclass(slots=True)
+class _Stream:
+    stream: HubStream
+    channel: int
+    decoder: PcmDecoder
+
+
+class Connection:
+    """One /asr-multicam client and its streams."""
+
+    def __init__(self, ws: web.WebSocketResponse, hub: StreamHub, server: ServerSettings, peer: str) -> None:
+        self.ws = ws
+        self.hub = hub
+        self.server = server
+        self.peer = peer
+        self.outbox = Outbox(ws)
+        self.channels: dict[int, _Stream] = {}
+        self.by_id: dict[str, _Stream] = {}
+        self._stopping: set[asyncio.Task[None]] = set()
+
+    def error(self, exc: ProtocolError) -> None:
+        log.debug("%s: %s %s", self.peer, exc.code, exc.message)
+        self.outbox.put(exc.to_message())
+
+    async def run(self) -> None:
+        writer = asyncio.create_task(self.outbox.run())
+        try:
+            async for msg in self.ws:
+                if msg.type == WSMsgType.TEXT:
+                    self.on_text(msg.data)
+                elif msg.type == WSMsgType.BINARY:
+                    self.on_binary(msg.data)
+                elif msg.type == WSMsgType.ERROR:
+                    log.info("%s: connection error: %s", self.peer, self.ws.exception())
+                    break
+                if self.outbox.overflowed:
+                    log.warning("%s: client is not reading its messages; disconnecting it", self.peer)
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(
+                            self.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"client not reading"), 5
+                        )
+                    break
+        finally:
+            await self.close_streams()
+            self.outbox.close()
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+
+    async def close_streams(self) -> None:
+        """Stop (and flush) every stream still open; wait for stops already under way."""
+        for stream_id in list(self.by_id):
+            self._begin_stop(stream_id)
+        while self._stopping:
+            await asyncio.gather(*list(self._stopping), return_exceptions=True)
+
+    # -- input ----------------------------------------------------------------
+
+    def on_text(self, data: str) -> None:
+        if len(data) > self.server.max_frame_bytes or len(data.encode()) > self.server.max_frame_bytes:
+            self.error(
+                ProtocolError(
+                    "frame_too_large", f"frame exceeds server.max_frame_bytes ({self.server.max_frame_bytes})"
+                )
+            )
+            return
+        try:
+            obj = parse_text(data)
+            kind = obj["type"]
+            if kind == "audio_stream_start":
+                self.start(parse_start(obj))
+            elif kind == "audio_stream_stop":
+                self.stop(_identifier(obj, "stream_id"))
+            elif kind == "ping":
+                self.outbox.put({"type": "pong"})
+            else:
+                raise ProtocolError(
+                    "unknown_type",
+                    f"unknown message type {_show(kind)}; expected audio_stream_start, audio_stream_stop or ping",
+                )
+        except ProtocolError as exc:
+            self.error(exc)
+
+    def start(self, req: StartRequest) -> None:
+        if req.stream_id in self.by_id:
+            raise ProtocolError("duplicate_stream", f"stream_id {req.stream_id!r} is already open", req.stream_id)
+        if req.channel in self.channels:
+            raise ProtocolError(
+                "channel_in_use",
+                f"channel {req.channel} already carries stream {self.channels[req.channel].stream.stream_id!r}",
+                req.stream_id,
+            )
+        limit = self.server.max_streams_per_connection
+        if len(self.by_id) >= limit:
+            raise ProtocolError(
+                "too_many_streams", f"server.max_streams_per_connection ({limit}) streams are open here", req.stream_id
+            )
+        decoder = PcmDecoder(req.format, req.sample_rate, req.channels)
+        try:
+            stream = self.hub.open_stream(
+                req.stream_id,
+                source=SOURCE,
+                language=req.language,
+                session_id=req.session_id,
+                customer_id=req.customer_id,
+                listener=self.outbox.put,
+            )
+        except StreamError as exc:
+            raise ProtocolError(exc.code, exc.message, req.stream_id) from None
+        entry = _Stream(stream, req.channel, decoder)
+        self.channels[req.channel] = entry
+        self.by_id[req.stream_id] = entry
+        self.outbox.put({"type": "stream_started", "stream_id": req.stream_id, "channel": req.channel})
+
+    def stop(self, stream_id: str) -> None:
+        if stream_id not in self.by_id:
+            raise ProtocolError("unknown_stream", f"stream_id {stream_id!r} is not open on this connection", stream_id)
+        self._begin_stop(stream_id)
+
+    def _begin_stop(self, stream_id: str) -> None:
+        entry = self.by_id.pop(stream_id)
+        self.channels.pop(entry.channel, None)
+        entry.stream.feed(entry.decoder.flush())
+        task = asyncio.create_task(self._finish(entry))
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
+
+    async def _finish(self, entry: _Stream) -> None:
+        full = await entry.stream.stop()
+        self.outbox.put({"type": "stream_stopped", "stream_id": entry.stream.stream_id, "full_transcript": full})
+
+    def on_binary(self, data: bytes) -> None:
+        if not data:
+            self.error(ProtocolError("bad_frame", "a binary frame needs a channel byte before its samples"))
+            return
+        entry = self.channels.get(data[0])
+        if len(data) > self.server.max_frame_bytes:
+            self.error(
+                ProtocolError(
+                    "frame_too_large",
+                    f"frame of {len(data)} bytes exceeds server.max_frame_bytes ({self.server.max_frame_bytes})",
+                    entry.stream.stream_id if entry else None,
+                )
+            )
+            return
+        if entry is None:
+            self.error(ProtocolError("unknown_channel", f"no open stream on channel {data[0]}"))
+            return
+        entry.stream.feed(entry.decoder.decode(memoryview(data)[1:]))
+
+
+async def asr_multicam(request: web.Request) -> web.WebSocketResponse:
+    """The /asr-multicam WebSocket endpoint."""
+    app = request.app
+    server = app[SETTINGS].server
+    # Frames up to 4x the limit are read and answered with frame_too_large; beyond that aiohttp closes (1009).
+    ws = web.WebSocketResponse(max_msg_size=server.max_frame_bytes * 4, heartbeat=HEARTBEAT_S, compress=False)
+    await ws.prepare(request)
+    peer = request.remote or "?"
+    app[WEBSOCKETS].add(ws)
+    conn = Connection(ws, app[STREAM_HUB], server, peer)
+    log.debug("%s: /asr-multicam connected", peer)
+    try:
+        await conn.run()
+    finally:
+        app[WEBSOCKETS].discard(ws)
+        log.debug("%s: /asr-multicam disconnected (%d partials dropped)", peer, conn.outbox.dropped_partials)
+    return ws
+
+
+def setup(app: web.Application) -> None:
+    """Serve /asr-multicam (needs the stream hub)."""
+    app.router.add_get(PATH, asr_multicam)

@@ -1,0 +1,185 @@
+"""``edgevoice transcribe FILE.wav``: a file through the daemon's own streaming recognizer, at full speed.
+
+The audio is fed in 100 ms chunks to the same :class:`WhisperRecognizer` the daemon
+uses (VAD, endpointing, partials, stability rule, batched decode, diarization), as
+fast as the recognizer takes it; the finals are printed with their speaker, and the
+keyword events they would fire (each event at most once, as for one customer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+import wave
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgevoice.config import Settings
+from edgevoice.recognition.types import SAMPLE_RATE, Transcript
+
+CHUNK_S = 0.1
+MAX_AHEAD_S = 5.0
+"""Audio fed ahead of what the recognizer has taken (keeps the stream's backlog far from its limit)."""
+
+
+class AudioFileError(Exception):
+    """The input file cannot be read as audio."""
+
+
+def read_audio(path: Path) -> np.ndarray:
+    """Mono float32 at 16 kHz from a WAV file (PCM 8/16/24/32-bit or float; any rate and channel count)."""
+    try:
+        import soundfile
+
+        data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except ImportError:  # pragma: no cover - soundfile is a faster-whisper dependency
+        data, rate = _read_wave(path)
+    except Exception as exc:
+        raise AudioFileError(f"{path}: cannot read audio ({exc})") from None
+    mono = data.mean(axis=1).astype(np.float32)
+    if rate != SAMPLE_RATE:
+        import soxr
+
+        mono = soxr.resample(mono, rate, SAMPLE_RATE).astype(np.float32)
+    return mono
+
+
+def _read_wave(path: Path) -> tuple[np.ndarray, int]:  # pragma: no cover
+    with wave.open(str(path), "rb") as w:
+        if w.getsampwidth() != 2:
+            raise AudioFileError(f"{path}: only 16-bit PCM WAV is supported without soundfile")
+        raw = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float32) / 32768.0
+        return raw.reshape(-1, w.getnchannels()), w.getframerate()
+
+
+async def transcribe_audio(
+    audio: np.ndarray, settings: Settings, *, language: str | None = None, stream_id: str = "file"
+) -> tuple[list[Transcript], dict[str, Any]]:
+    """Every final of ``audio`` through the streaming recognizer, and run facts."""
+    from edgevoice import models
+    from edgevoice.metrics import Metrics
+    from edgevoice.recognition.recognizer import WhisperRecognizer
+
+    models_dir = models.default_models_dir(settings.state.path(), settings.asr.models_dir)
+    recognizer = await asyncio.to_thread(
+        WhisperRecognizer.load, settings.asr, models_dir, Metrics(), settings.diarization
+    )
+    recognizer.start()
+    finals: list[Transcript] = []
+    started = time.monotonic()
+    try:
+        stream = recognizer.open_stream(
+            stream_id, language=language, on_transcript=lambda t: finals.append(t) if t.final and t.text else None
+        )
+        chunk = int(CHUNK_S * SAMPLE_RATE)
+        for i in range(0, len(audio), chunk):
+            stream.feed(audio[i : i + chunk])
+            while stream.lag_s > MAX_AHEAD_S:
+                if not recognizer.alive:
+                    raise RuntimeError("the recognizer stopped; see the log")
+                await asyncio.sleep(0.01)
+        await stream.finish()
+    finally:
+        await asyncio.to_thread(recognizer.stop)
+    elapsed = time.monotonic() - started
+    info = recognizer.engine.info
+    facts = {
+        "model": info.model,
+        "device": info.device,
+        "compute_type": info.compute_type,
+        "language": stream.language,
+        "duration_s": round(len(audio) / SAMPLE_RATE, 3),
+        "elapsed_s": round(elapsed, 3),
+        "real_time_factor": round(elapsed / max(len(audio) / SAMPLE_RATE, 1e-9), 4),
+    }
+    return finals, facts
+
+
+def keyword_events(finals: list[Transcript], settings: Settings) -> list[dict[str, Any]]:
+    """The events the daemon would fire for these finals (each at most once, like one customer)."""
+    from edgevoice.events.keywords import KeywordMatcher
+
+    matcher = KeywordMatcher(settings.keywords)
+    fired: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for t in finals:
+        for event in matcher.match(t.text, t.language):
+            if event not in seen:
+                seen.add(event)
+                fired.append({"event": event, "at": t.start, "segment": t.segment, "text": t.text})
+    return fired
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(seconds, 60)
+    return f"{int(m):02d}:{s:05.2f}"
+
+
+def cmd_transcribe(args: argparse.Namespace) -> int:
+    from edgevoice.cli import _settings
+
+    settings = _settings(args)
+    if args.model:
+        settings = settings.model_copy(update={"asr": settings.asr.model_copy(update={"model": args.model})})
+    path = Path(args.file)
+    try:
+        audio = read_audio(path)
+    except AudioFileError as exc:
+        print(f"edgevoice: {exc}", file=sys.stderr)
+        return 2
+    from edgevoice.models import ModelError
+    from edgevoice.recognition.engine import EngineError
+
+    try:
+        finals, facts = asyncio.run(transcribe_audio(audio, settings, language=args.language))
+    except (ValueError, ModelError, EngineError) as exc:
+        print(f"edgevoice: {exc}", file=sys.stderr)
+        return 2
+    events = keyword_events(finals, settings)
+    if args.json:
+        out = {
+            "file": str(path),
+            **facts,
+            "segments": [
+                {
+                    "start": t.start,
+                    "end": t.end,
+                    "speaker": t.speaker,
+                    "text": t.text,
+                    "words": [{"text": w.text, "start": w.start, "end": w.end} for w in t.words],
+                }
+                for t in finals
+            ],
+            "events": events,
+        }
+        print(json.dumps(out, ensure_ascii=False, indent=2))
+        return 0
+    by_segment: dict[int, list[str]] = {}
+    for e in events:
+        by_segment.setdefault(e["segment"], []).append(e["event"])
+    for t in finals:
+        print(f"[{_clock(t.start)} -> {_clock(t.end)}] {t.speaker}: {t.text}")
+        for event in by_segment.pop(t.segment, []):
+            print(f"    -> keyword event {event}")
+    print(
+        f"# {facts['duration_s']:.1f} s of audio in {facts['elapsed_s']:.1f} s "
+        f"({facts['model']}, {facts['device']}, {facts['compute_type']}, language {facts['language'] or 'auto'})",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "transcribe", help="run an audio file through the streaming recognizer; print segments and keyword events"
+    )
+    p.add_argument("file", metavar="FILE.wav", help="audio file (WAV; any rate and channel count)")
+    p.add_argument("--json", action="store_true", help="print JSON (segments with word timestamps, events)")
+    p.add_argument("--language", help="language code (default: asr.language)")
+    p.add_argument("--model", help="model name or directory (default: asr.model)")
+    p.set_defaults(func=cmd_transcribe)

@@ -1,0 +1,367 @@
+"""The streaming recognizer on real espeak-ng speech through real faster-whisper models."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgevoice.config import AsrSettings, KeywordSettings
+from edgevoice.events.keywords import KeywordMatcher
+from edgevoice.metrics import Metrics
+from edgevoice.recognition.engine import repetition_cut
+from edgevoice.recognition.recognizer import WhisperRecognizer
+from edgevoice.recognition.stream import StreamClosed
+from edgevoice.recognition.types import Transcript
+from tests.support.speech import have_espeak, noise, silence, synth, wer
+
+pytestmark = pytest.mark.skipif(not have_espeak(), reason="espeak-ng is not installed")
+
+MODELS = Path(os.environ.get("EDGEVOICE_TEST_MODELS", Path(tempfile.gettempdir()) / "edgevoice-models"))
+RATE = 16000
+
+SENTENCES = [
+    "Good evening, welcome to our restaurant.",
+    "Can we have two glasses of water and some bread?",
+    "We are celebrating my sister's birthday tonight.",
+    "Please bring the bill when you have a moment.",
+    "My son is allergic to peanuts and shellfish.",
+    "How long will the pizza take to arrive?",
+    "The steak was cooked perfectly, thank you.",
+    "Do you have any vegetarian dishes today?",
+]
+
+
+def _recognizer(**asr: object) -> Iterator[WhisperRecognizer]:
+    rec = WhisperRecognizer.load(AsrSettings(cpu_threads=2, **asr), MODELS, Metrics())
+    rec.start()
+    yield rec
+    rec.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Iterator[WhisperRecognizer]:
+    yield from _recognizer()
+
+
+async def run(
+    rec: WhisperRecognizer,
+    audio: np.ndarray,
+    *,
+    stream_id: str = "s1",
+    language: str | None = None,
+    chunk_s: float = 0.1,
+    speed: float | None = None,
+    keep_up: float | None = None,
+) -> list[Transcript]:
+    """Feed ``audio`` in chunks (at ``speed`` x real time, or as fast as possible) and finish.
+
+    ``keep_up``: before each chunk, wait until the stream's lag is at most this many seconds
+    (partials then flow whatever the load of the machine).
+    """
+    got: list[Transcript] = []
+    stream = rec.open_stream(stream_id, language=language, on_transcript=got.append)
+    step = int(chunk_s * RATE)
+    for i in range(0, len(audio), step):
+        stream.feed(audio[i : i + step])
+        await asyncio.sleep(chunk_s / speed if speed else 0)
+        while keep_up is not None and stream.lag_s > keep_up:  # noqa: ASYNC110 - polling the lag is the point
+            await asyncio.sleep(0.01)
+    await stream.finish()
+    assert stream.lag_s == 0
+    return got
+
+
+def finals(ts: list[Transcript]) -> list[Transcript]:
+    return [t for t in ts if t.final and t.text]
+
+
+def monologue(sentences: list[str], pause_s: float = 0.8, **voice: object) -> tuple[np.ndarray, list[float]]:
+    """Sentences separated by silence, and the time each one ends."""
+    parts, ends, t = [silence(0.5)], [], 0.5
+    for s in sentences:
+        a = synth(s, **voice)
+        parts += [a, silence(pause_s)]
+        t += len(a) / RATE
+        ends.append(t)
+        t += pause_s
+    return np.concatenate(parts), ends
+
+
+async def test_english_wer_and_word_timestamps(tiny: WhisperRecognizer) -> None:
+    audio, ends = monologue(SENTENCES[:6])
+    got = await run(tiny, audio)
+    fs = finals(got)
+    hyp = " ".join(t.text for t in fs)
+    error = wer(" ".join(SENTENCES[:6]), hyp)
+    print(f"tiny.en WER on {len(SENTENCES[:6])} espeak-ng sentences: {error:.3f}: {hyp}")
+    assert error < 0.25, hyp
+    # One final per sentence (0.8 s pauses end utterances), in order, times from the stream start.
+    assert len(fs) == 6, [t.text for t in fs]
+    for t, end in zip(fs, ends, strict=True):
+        assert t.words, t
+        assert t.start <= t.words[0].start + 1e-6 and t.words[-1].end <= t.end + 1e-6
+        assert abs(t.end - end) < 0.6, (t.text, t.end, end)
+        starts = [w.start for w in t.words]
+        assert starts == sorted(starts)
+        assert t.speaker == "Speaker 1" and t.language == "en"
+    assert [t.start for t in fs] == sorted(t.start for t in fs)
+    assert all(a.end <= b.start for a, b in itertools.pairwise(fs))
+
+
+async def test_partials_precede_finals_and_finals_never_change(tiny: WhisperRecognizer) -> None:
+    audio, _ = monologue(SENTENCES[1:4])
+    got = await run(tiny, audio, keep_up=1.2)
+    finalized: set[int] = set()
+    partial_segments: set[int] = set()
+    for t in got:
+        if t.final:
+            assert t.segment not in finalized, f"segment {t.segment} finalized twice"
+            finalized.add(t.segment)
+        else:
+            assert t.segment not in finalized, f"partial after the final of segment {t.segment}"
+            partial_segments.add(t.segment)
+    assert len(finals(got)) == 3
+    assert finalized <= partial_segments, "every final was preceded by partials of its segment"
+    with pytest.raises(AttributeError):
+        got[-1].text = "changed"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["silence", "pink_noise", "loud_noise", "room_tone", "music"],
+)
+async def test_silence_and_noise_yield_nothing(tiny: WhisperRecognizer, kind: str) -> None:
+    t = np.arange(int(8 * RATE)) / RATE
+    rng = np.random.default_rng(7)
+    audio = {
+        "silence": silence(8),
+        "pink_noise": noise(8, level=0.05),
+        "loud_noise": noise(8, level=0.3, seed=2),
+        "room_tone": (0.02 * np.sin(2 * np.pi * 50 * t) + 0.01 * np.sin(2 * np.pi * 120 * t) + noise(8, 0.005)),
+        # chords of harmonics changing every 0.5 s, amplitude-modulated: music-like
+        "music": sum(
+            0.05
+            * np.sin(2 * np.pi * f * np.repeat(rng.uniform(0.8, 1.25, 16), RATE // 2)[: len(t)] * t)
+            * (0.6 + 0.4 * np.sin(2 * np.pi * 2 * t))
+            for f in (220, 277, 330, 440)
+        ),
+    }[kind].astype(np.float32)
+    before = tiny.scheduler.batches
+    got = await run(tiny, audio, stream_id=f"quiet-{kind}")
+    assert got == []
+    print(f"{kind}: {tiny.scheduler.batches - before} decode(s), no transcript")
+
+
+async def test_eight_streams_no_crosstalk() -> None:
+    metrics = Metrics()
+    rec = WhisperRecognizer.load(AsrSettings(cpu_threads=2), MODELS, metrics)
+    rec.start()
+    try:
+        audios = [np.concatenate([silence(0.3), synth(s), silence(0.8)]) for s in SENTENCES]
+        outs: dict[int, list[Transcript]] = {i: [] for i in range(8)}
+        streams = [rec.open_stream(f"table-{i}", language=None, on_transcript=outs[i].append) for i in range(8)]
+        step = RATE // 10
+        for off in range(0, max(len(a) for a in audios), step):
+            for s, a in zip(streams, audios, strict=True):
+                s.feed(a[off : off + step])
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*(s.finish() for s in streams))
+    finally:
+        rec.stop()
+    for i, sentence in enumerate(SENTENCES):
+        text = " ".join(t.text for t in finals(outs[i]))
+        own = wer(sentence, text)
+        others = [wer(other, text) for j, other in enumerate(SENTENCES) if j != i]
+        assert own < 0.5, (i, text)
+        assert own < min(others), (i, text)
+        assert all(t.stream_id == f"table-{i}" for t in outs[i])
+    sizes = metrics.registry.get_sample_value("edgevoice_inference_batch_size_sum", {"kind": "final"}) or 0
+    calls = metrics.registry.get_sample_value("edgevoice_inference_batch_size_count", {"kind": "final"}) or 0
+    partial_sizes = sum(
+        metrics.registry.get_sample_value(f"edgevoice_inference_batch_size_{x}", {"kind": k}) or 0
+        for x in ("sum",)
+        for k in ("partial", "mixed")
+    )
+    print(f"final batches: {calls:.0f} calls for {sizes:.0f} windows; partial/mixed windows {partial_sizes:.0f}")
+    assert calls and sizes / calls > 1.5, "streams were decoded together"
+
+
+async def test_long_speech_is_committed_early_and_bounded(tiny: WhisperRecognizer) -> None:
+    # ~20 s of speech with only espeak's short clause pauses: no 0.5 s silence to end it.
+    text = " ".join(SENTENCES[:6]).replace(".", ",").replace("?", ",")
+    audio = np.concatenate([silence(0.3), synth(text, speed=165), silence(1.0)])
+    duration = len(audio) / RATE
+    got: list[tuple[float, Transcript]] = []
+    stream = tiny.open_stream("long", language=None, on_transcript=lambda t: got.append((fed, t)))
+    fed = 0.0
+    step = RATE // 10
+    for i in range(0, len(audio), step):
+        stream.feed(audio[i : i + step])
+        fed = (i + step) / RATE
+        await asyncio.sleep(0)
+        while stream.lag_s > 1.2:  # noqa: ASYNC110 - keep up with the recognizer: partials flow whatever the load
+            await asyncio.sleep(0.01)
+    await stream.finish()
+    fs = [(at, t) for at, t in got if t.final and t.text]
+    assert len(fs) >= 2
+    first_at = fs[0][0]
+    assert first_at < duration - 3, f"first final only after {first_at:.1f} s of {duration:.1f} s"
+    for _, t in fs:
+        assert t.end - t.start <= tiny.settings.max_utterance_s + 0.5
+    hyp = " ".join(t.text for _, t in fs)
+    error = wer(text, hyp)
+    print(f"long utterance ({duration:.1f} s) in {len(fs)} finals, WER {error:.3f}: {hyp}")
+    assert error < 0.35
+
+
+async def test_stream_errors(tiny: WhisperRecognizer) -> None:
+    with pytest.raises(ValueError, match="English-only"):
+        tiny.open_stream("vi", language="vi", on_transcript=print)
+    with pytest.raises(ValueError, match="stream id"):
+        tiny.open_stream("bad id!", language=None, on_transcript=print)
+    s = tiny.open_stream("dup", language="en", on_transcript=print)
+    with pytest.raises(ValueError, match="already open"):
+        tiny.open_stream("dup", language=None, on_transcript=print)
+    with pytest.raises(ValueError, match="mono"):
+        s.feed(np.zeros((2, 160), np.float32))
+    with pytest.raises(ValueError, match="float32"):
+        s.feed(np.zeros(160, np.int16))
+    with pytest.raises(ValueError, match="NaN"):
+        s.feed(np.full(160, np.nan, np.float32))
+    s.feed(np.zeros(1600, np.float32))  # still usable after refused input
+    await s.finish()
+    with pytest.raises(StreamClosed):
+        s.feed(np.zeros(160, np.float32))
+    closed = tiny.open_stream("closed", language=None, on_transcript=print)
+    closed.close()
+    await closed.finish()  # returns at once
+
+
+async def test_backlog_is_bounded_and_counted() -> None:
+    metrics = Metrics()
+    rec = WhisperRecognizer.load(AsrSettings(cpu_threads=2, max_backlog_s=5), MODELS, metrics)
+    # The inference thread is not started: nothing takes the audio, so the backlog must hold.
+    got: list[Transcript] = []
+    stream = rec.open_stream("stuck", language=None, on_transcript=got.append)
+    speech = synth(SENTENCES[0])
+    for _ in range(6):
+        stream.feed(np.concatenate([speech, silence(1)]))
+    kept = sum(len(a) for a, _, _ in stream._inbox if a is not None) / RATE
+    assert kept <= 5 + len(speech) / RATE + 1
+    rec.start()
+    try:
+        await stream.finish()
+    finally:
+        rec.stop()
+    dropped = metrics.registry.get_sample_value("edgevoice_recognition_dropped_seconds_total")
+    assert dropped and dropped > 10
+    assert 1 <= len(finals(got)) <= 3
+    assert stream.lag_s == 0
+
+
+async def test_vietnamese_with_base() -> None:
+    rec = WhisperRecognizer.load(AsrSettings(model="base", cpu_threads=2), MODELS, Metrics())
+    rec.start()
+    try:
+        audio, _ = monologue(["xin chào các bạn", "xin lỗi tôi muốn đổi món"], voice="vi")
+        got = await run(rec, audio, language="vi")
+    finally:
+        rec.stop()
+    texts = [t.text for t in finals(got)]
+    print("base, vi:", texts)
+    events = KeywordMatcher(KeywordSettings()).match(" ".join(texts), "vi")
+    assert "SAY_HELLO" in events and "SAY_SORRY" in events, texts
+    assert all(t.language == "vi" for t in got)
+
+
+def test_repetition_cut() -> None:
+    assert repetition_cut([1, 2, 3, 4, 5, 6]) is None
+    assert repetition_cut([9, 1, 2, 3, 4, 1, 2, 3, 4, 1, 2]) == [9, 1, 2, 3, 4]
+    assert repetition_cut([5, 7, 7, 7]) is None  # "no, no, no" is speech
+    assert repetition_cut([5, 7, 7, 7, 7, 7]) == [5, 7]
+
+
+async def test_initial_prompt_adds_no_false_keyword_hits() -> None:
+    """asr.initial_prompt is offered as an option: prompting with the keywords must not invent them."""
+    rec = WhisperRecognizer.load(AsrSettings(cpu_threads=2, initial_prompt="Hello, sorry."), MODELS, Metrics())
+    rec.start()
+    try:
+        audio, _ = monologue(SENTENCES[1:5])
+        got = await run(rec, np.concatenate([audio, noise(3, 0.1), silence(2)]))
+    finally:
+        rec.stop()
+    text = " ".join(t.text for t in finals(got))
+    assert KeywordMatcher(KeywordSettings()).match(text) == [], text
+    assert wer(" ".join(SENTENCES[1:5]), text) < 0.3, text
+
+
+async def test_setup_loads_once_and_reports_health(aiohttp_client: object, tmp_path: Path) -> None:
+    from aiohttp import web
+
+    from edgevoice import recognition
+    from edgevoice.config import Settings
+    from edgevoice.metrics import METRICS
+    from edgevoice.server.keys import HEALTH_CHECKS, HEALTH_SECTIONS, NOTIFIER, SETTINGS
+    from edgevoice.systemd import Notifier
+
+    app = web.Application()
+    app[SETTINGS] = Settings(state={"dir": tmp_path}, asr={"models_dir": MODELS, "cpu_threads": 2})
+    app[NOTIFIER] = Notifier(address="")
+    app[HEALTH_SECTIONS] = {}
+    app[HEALTH_CHECKS] = []
+    app[METRICS] = Metrics()
+    recognition.setup(app)
+    await aiohttp_client(app)  # type: ignore[operator]
+    rec = app[recognition.RECOGNIZER]
+    health = app[HEALTH_SECTIONS]["asr"]()
+    assert health["model"] == "tiny.en" and health["device"] == "cpu" and health["compute_type"] == "int8"
+    assert all(check() for check in app[HEALTH_CHECKS])
+    got: list[Transcript] = []
+    stream = rec.open_stream("t1", language=None, on_transcript=got.append)
+    stream.feed(np.concatenate([silence(0.3), synth("Hello, we have a table for two."), silence(1)]))
+    await stream.finish()
+    assert "hello" in " ".join(t.text for t in finals(got)).lower()
+
+
+def test_transcribe_command(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    import soundfile
+
+    audio = np.concatenate(
+        [silence(0.4), synth("Hello, we have a table for two."), silence(1), synth("Sorry, where is the menu?")]
+    )
+    wav = tmp_path / "in.wav"
+    soundfile.write(wav, (audio * 0.8 * 32767).astype(np.int16), RATE, subtype="PCM_16")
+    env = {**os.environ, "EDGEVOICE_ASR__MODELS_DIR": str(MODELS), "EDGEVOICE_STATE__DIR": str(tmp_path)}
+    env.pop("EDGEVOICE_CONFIG", None)
+    out = subprocess.run(
+        [sys.executable, "-m", "edgevoice", "transcribe", str(wav), "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert len(data["segments"]) == 2, data["segments"]
+    assert data["segments"][0]["speaker"] == "Speaker 1" and data["segments"][0]["words"]
+    assert data["segments"][1]["start"] > data["segments"][0]["end"]
+    assert [e["event"] for e in data["events"]] == ["SAY_HELLO", "SAY_SORRY"]
+    bad = subprocess.run(
+        [sys.executable, "-m", "edgevoice", "transcribe", str(tmp_path / "missing.wav")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "missing.wav" in bad.stderr
