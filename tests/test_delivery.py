@@ -60,6 +60,8 @@ def assert_exactly_once_in_order(rx: Receiver, expected: dict[str, list[str]], i
     for rec in rx.accepted.values():
         assert json.loads(rec.raw) == {"UUID": rec.body["UUID"], "EVENT": rec.body["EVENT"]}
         assert rec.content_type == "application/json"
+    for rec in rx.requests:  # a retry is the same event under the same key
+        assert rec.key in ids and rec.raw == rx.accepted[rec.key].raw
 
 
 async def test_healthy_endpoint_gets_exact_body_and_idempotency_key(make_service: MakeService, receiver: Receiver):
@@ -105,9 +107,33 @@ async def test_recovers_from_every_failure_mode_exactly_once_in_order(
     assert "API ERROR: HTTP 429 for EV_" in text
     assert f'API REQUEST: Calling {receiver.url} with payload: {{"UUID": "cust-0", "EVENT": "EV_000"}}' in text
     assert 'API SUCCESS: EV_005 for customer cust-4 - Response: {"status": "success"}' in text
-    outcomes = {s.labels["outcome"]: s.value for m in svc.metrics.deliveries.collect() for s in m.samples if s.name.endswith("_total")}  # type: ignore[union-attr]
+    outcomes = {
+        s.labels["outcome"]: s.value
+        for m in svc.metrics.deliveries.collect()
+        for s in m.samples
+        if s.name.endswith("_total")
+    }  # type: ignore[union-attr]
     assert outcomes["delivered"] >= 30 and outcomes["connection_error"] >= 1 and outcomes["timeout"] >= 1
     assert outcomes["http_error"] >= 4
+
+
+async def test_api_going_down_mid_operation(
+    make_service: MakeService, receiver: Receiver, caplog: pytest.LogCaptureFixture
+):
+    """A kept-alive connection does not hide an outage; events wait and go out when the API is back."""
+    caplog.set_level(logging.INFO, logger="edgevoice.delivery")
+    svc = await make_service(url=receiver.url)
+    first = await svc.submit("cust-a", "SAY_HELLO")
+    await receiver.until_accepted(1)
+    receiver.respond("down")
+    second = await svc.submit("cust-a", "SESSION_END")
+    await asyncio.sleep(0.3)
+    assert list(receiver.accepted) == [first]
+    assert "API CONNECTION ERROR: SESSION_END for customer cust-a" in caplog.text
+    assert [e.id for e in svc.sender.pending["cust-a"]] == [second]
+    receiver.respond(200)
+    await receiver.until_accepted(2)
+    assert list(receiver.accepted) == [first, second]
 
 
 async def test_400_goes_to_dead_letter_with_the_response_and_the_rest_continue(

@@ -89,6 +89,10 @@ def test_spool_cli_while_the_daemon_runs(daemon_factory: Callable[..., Daemon], 
     table = spool_cli(d, "dead")
     assert table.returncode == 0 and "HTTP 400" in table.stdout and "cust-b" in table.stdout
     assert health(d)["spool"]["dead"] == 4  # type: ignore[index]
+    with urllib.request.urlopen(f"{d.url}/metrics", timeout=10) as resp:
+        metrics = resp.read().decode()
+    assert "edgevoice_spool_dead 4.0" in metrics and "edgevoice_spool_depth 0.0" in metrics
+    assert 'edgevoice_deliveries_total{outcome="rejected"} 4.0' in metrics
 
     # Retry one while the API still rejects it: the running daemon picks it up, sends it, buries it again.
     assert spool_cli(d, "retry", ids[3]).returncode == 0

@@ -64,7 +64,9 @@ def test_sortformer_model_must_exist(tmp_path: Path) -> None:
     with pytest.raises(DiarizationError, match=r"no such \.nemo file"):
         resolve_model(str(tmp_path / "missing.nemo"), tmp_path)
     with pytest.raises(DiarizationError, match="not a Sortformer model in the manifest"):
-        resolve_model("no-such-model", tmp_path)
+        resolve_model("tiny.en", tmp_path)
+    with pytest.raises(DiarizationError, match=r"is not installed in .*edgevoice models install diar_streaming"):
+        resolve_model("diar_streaming_sortformer_4spk-v2", tmp_path)
     with pytest.raises(DiarizationError, match=r"no such \.nemo file"):
         build_diarizer(DiarizationSettings(backend="sortformer", model=str(tmp_path / "x.nemo")), Metrics())
 

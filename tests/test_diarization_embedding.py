@@ -6,6 +6,7 @@ import asyncio
 import os
 import re
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -87,11 +88,11 @@ def test_streams_are_independent_and_silence_founds_nobody(diarizer: EmbeddingDi
     b.close()
 
 
-def test_lag_is_bounded_and_split_never_waits(diarizer: EmbeddingDiarizer) -> None:
+def test_lag_is_bounded_and_split_never_waits() -> None:
     d = build_diarizer(DiarizationSettings(backend="embedding", max_lag_s=5), Metrics())
     try:
         s = d.open_stream("burst")
-        audio, spans = conversation()
+        audio, _ = conversation()
         s.feed(audio)  # ~20 s at once: far more than 5 s of lag allowed
         assert s.audio.dropped >= len(audio) - 5 * RATE - 1
         # a final arriving now is labelled from what is known (maybe nothing): it is not held back
@@ -122,8 +123,11 @@ async def test_recognizer_finals_carry_the_speakers() -> None:
         for i in range(0, len(audio), step):
             stream.feed(audio[i : i + step])
             await asyncio.sleep(0)
-            # keep both recognition and diarization near real time whatever the load of the box
-            while stream.lag_s > 0.5 or stream.diarizer is None or stream.diarizer.lag_s > 0.5:
+            # keep recognition and diarization near real time whatever the load of the box (a live
+            # stream arrives at 1x; feeding faster than the box diarizes only tests the fallback)
+            deadline = time.monotonic() + 30
+            while stream.lag_s > 1.2 or stream.diarizer is None or stream.diarizer.lag_s > 0.5:
+                assert time.monotonic() < deadline, (stream.lag_s, stream.diarizer and stream.diarizer.lag_s)
                 await asyncio.sleep(0.02)
         await stream.finish()
     finally:

@@ -12,7 +12,6 @@ import asyncio
 import json
 import re
 import socket
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -292,13 +291,11 @@ async def test_go_away_resumes_the_same_conversation(
     before = [c for c in fake.sessions() if c.conversation and c.conversation.id == conv]
     assert len(before) == 1
     handle = fake.conversations[conv].handles[-1]
-    started = time.monotonic()
     await t.ws.send_json({"type": "text", "text": "goaway"})
     await t.type_("session_resumed")
-    assert time.monotonic() - started < 2.5  # moved on at goAway, before the server's close (3 s)
     after = [c for c in fake.sessions() if c.conversation and c.conversation.id == conv]
     assert len(after) == 2 and after[1].resumed_with == handle
-    assert after[0].closed_by == "client"
+    assert after[0].closed_by == "client"  # moved on at goAway, before the server's own close (3 s later)
     again = await t.say("are you still there")
     assert conversation_of(again) == conv and turn_of(again) == 3
     await t.ws.close()

@@ -65,10 +65,12 @@ def start_daemon(
     )
 
 
-async def run_scenario(daemon: Daemon, phrases: list[str], voice: str, language: str | None) -> MulticamClient:
+async def run_scenario(
+    daemon: Daemon, phrases: list[str], voice: str, language: str | None, speed: int = 150
+) -> MulticamClient:
     async with MulticamClient.connect(daemon.ws_url) as client:
         await client.start("mic_table_05_seat_01", session_id=SESSION, customer_id=CUSTOMER_A, language=language)
-        await client.stream(0, conversation(phrases, voice=voice))
+        await client.stream(0, conversation(phrases, voice=voice, speed=speed))
         full = await client.stop("mic_table_05_seat_01")
         assert full, "stream_stopped carried no transcript"
     return client
@@ -90,9 +92,9 @@ def assert_seed_logs(log: str) -> None:
 
 
 async def check_restaurant_scenario(
-    daemon: Daemon, receiver: Receiver, phrases: list[str], voice: str, language: str | None
+    daemon: Daemon, receiver: Receiver, phrases: list[str], voice: str, language: str | None, speed: int = 150
 ) -> None:
-    client = await run_scenario(daemon, phrases, voice, language)
+    client = await run_scenario(daemon, phrases, voice, language, speed)
     heard = [m["text"] for m in client.of("transcript") if m["final"]]
     with contextlib.suppress(TimeoutError):
         await receiver.until_accepted(3, timeout=30)
@@ -118,7 +120,7 @@ async def test_restaurant_scenario_english(daemon_factory: Callable[..., Daemon]
 @pytest.mark.slow
 async def test_restaurant_scenario_vietnamese(daemon_factory: Callable[..., Daemon], receiver: Receiver) -> None:
     daemon = start_daemon(daemon_factory, receiver, model="base", EDGEVOICE_ASR__LANGUAGE="vi")
-    await check_restaurant_scenario(daemon, receiver, SCENARIO_VI, "vi", "vi")
+    await check_restaurant_scenario(daemon, receiver, SCENARIO_VI, "vi", "vi", speed=130)  # espeak-ng vi, slower
 
 
 async def test_three_customers_on_one_connection(daemon_factory: Callable[..., Daemon], receiver: Receiver) -> None:
@@ -222,3 +224,17 @@ async def test_sighup_reloads_keyword_rules_without_dropping_streams(
     assert [m["event"] for m in client.of("keyword")] == ["WATER_PLEASE"]
     await receiver.until_accepted(2, timeout=30)
     assert receiver.events() == ["WATER_PLEASE", "SESSION_END"]
+
+
+async def test_sigterm_flushes_open_streams_and_ends_sessions(
+    daemon_factory: Callable[..., Daemon], receiver: Receiver
+) -> None:
+    """Speech still in flight when the daemon is stopped is recognized, and the customer gets SESSION_END."""
+    daemon = start_daemon(daemon_factory, receiver)
+    async with MulticamClient.connect(daemon.ws_url) as client:
+        await client.start("seat_1", session_id=SESSION, customer_id=CUSTOMER_B)
+        await client.stream(0, np.concatenate([silence(0.5), synth("Hi, hello."), silence(0.2)]))
+        assert await asyncio.to_thread(daemon.stop) == 0
+        assert client.ws.close_code == 1001  # going away
+    assert receiver.events() == ["SAY_HELLO", "SESSION_END"]
+    assert f"Cleaned up customer data for {CUSTOMER_B}" in daemon.log()

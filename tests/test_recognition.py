@@ -15,7 +15,7 @@ import pytest
 from edgevoice.config import AsrSettings, KeywordSettings
 from edgevoice.events.keywords import KeywordMatcher
 from edgevoice.metrics import Metrics
-from edgevoice.recognition.engine import repetition_cut
+from edgevoice.recognition.engine import looks_looped, repetition_cut
 from edgevoice.recognition.recognizer import WhisperRecognizer
 from edgevoice.recognition.stream import StreamClosed
 from edgevoice.recognition.types import Transcript
@@ -286,6 +286,7 @@ def test_repetition_cut() -> None:
     assert repetition_cut([9, 1, 2, 3, 4, 1, 2, 3, 4, 1, 2]) == [9, 1, 2, 3, 4]
     assert repetition_cut([5, 7, 7, 7]) is None  # "no, no, no" is speech
     assert repetition_cut([5, 7, 7, 7, 7, 7]) == [5, 7]
+    assert looks_looped([5, 7, 7, 7]) and not looks_looped([5, 7, 7, 8])
 
 
 async def test_initial_prompt_adds_no_false_keyword_hits() -> None:
@@ -365,3 +366,63 @@ def test_transcribe_command(tmp_path: Path) -> None:
         timeout=60,
     )
     assert bad.returncode == 2 and "missing.wav" in bad.stderr
+
+
+class _HalvingDiarizer:
+    """A Diarizer that labels the second half of every final's words "Speaker 2" and records its calls."""
+
+    name = "halving"
+
+    def __init__(self) -> None:
+        self.fed = 0
+        self.split_threads: set[int] = set()
+
+    def open_stream(self, stream_id: str) -> _HalvingDiarizer:
+        return self
+
+    def feed(self, audio: np.ndarray) -> None:
+        self.fed += len(audio)
+
+    def split(self, final: Transcript) -> list[Transcript]:
+        import dataclasses
+        import threading
+
+        self.split_threads.add(threading.get_ident())
+        half = len(final.words) // 2
+        if half == 0:
+            return [final]
+        first, second = final.words[:half], final.words[half:]
+        return [
+            dataclasses.replace(final, text=" ".join(w.text for w in first), words=first, end=first[-1].end),
+            dataclasses.replace(
+                final,
+                text=" ".join(w.text for w in second),
+                words=tuple(dataclasses.replace(w, speaker="Speaker 2") for w in second),
+                start=second[0].start,
+                speaker="Speaker 2",
+            ),
+        ]
+
+    def close(self) -> None:
+        pass
+
+
+async def test_diarizer_splits_finals_in_the_worker_thread() -> None:
+    import threading
+
+    from edgevoice.recognition.engine import Engine
+
+    settings = AsrSettings(cpu_threads=2)
+    diarizer = _HalvingDiarizer()
+    rec = WhisperRecognizer(Engine.load(settings, MODELS), settings, Metrics(), diarizer)  # type: ignore[arg-type]
+    rec.start()
+    try:
+        audio, _ = monologue(SENTENCES[:2])
+        got = await run(rec, audio)
+    finally:
+        rec.stop()
+    fs = finals(got)
+    assert [t.speaker for t in fs] == ["Speaker 1", "Speaker 2"] * 2
+    assert fs[0].segment == fs[1].segment != fs[2].segment == fs[3].segment
+    assert diarizer.fed == len(audio)
+    assert diarizer.split_threads and threading.get_ident() not in diarizer.split_threads

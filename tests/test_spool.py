@@ -45,7 +45,12 @@ async def make_service(tmp_path: Path) -> AsyncIterator[MakeService]:
 
 def counter(svc: DeliveryService, name: str, outcome: str) -> float:
     metric = getattr(svc.metrics, name)
-    return sum(s.value for m in metric.collect() for s in m.samples if s.labels.get("outcome") == outcome and s.name.endswith("_total"))
+    return sum(
+        s.value
+        for m in metric.collect()
+        for s in m.samples
+        if s.labels.get("outcome") == outcome and s.name.endswith("_total")
+    )
 
 
 def rows(path: Path) -> list[store.Event]:
@@ -213,12 +218,15 @@ async def test_damaged_spool_is_moved_aside_and_a_fresh_one_started(
 ):
     state = tmp_path / "state"
     path = store.spool_path(state)
+    original: list[str] = []
     if damage == "garbage":
         state.mkdir()
         path.write_bytes(b"this is not a database, it is a power cut" * 200)
     else:
         svc = await make_service(state_dir=state)
-        await asyncio.gather(*(svc.submit(f"customer_{i}", "SAY_HELLO", session_id="s" * 50) for i in range(2000)))
+        original = await asyncio.gather(
+            *(svc.submit(f"customer_{i}", "SAY_HELLO", session_id="s" * 50) for i in range(2000))
+        )
         await svc.close()
         data = bytearray(path.read_bytes())
         rng = random.Random(7)
@@ -234,6 +242,16 @@ async def test_damaged_spool_is_moved_aside_and_a_fresh_one_started(
     assert svc.health()["moved_aside"] == str(moved)
     event_id = await svc.submit("cust", "SAY_HELLO")  # a working, empty spool
     assert [r.id for r in rows(path)] == [event_id]
+    # What could still be read was kept as dead letters for an operator to check and re-queue, never sent by itself.
+    conn = store.connect(path, create=False)
+    salvaged = store.dead_letters(conn)
+    conn.close()
+    assert {d.id for d in salvaged} <= set(original)
+    assert all(d.reason == f"salvaged from damaged spool {moved.name}" for d in salvaged)
+    if damage == "torn_pages":
+        assert 0 < len(salvaged) < len(original), "some rows readable, some lost to the damage"
+        assert f"{len(salvaged)} event(s) readable in the damaged file" in caplog.text
+    assert svc.spool.counts.dead == len(salvaged)
 
 
 async def test_wal_cut_at_any_byte_reopens_with_every_fully_committed_event(make_service: MakeService, tmp_path: Path):

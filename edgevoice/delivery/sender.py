@@ -114,33 +114,41 @@ class Sender:
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
-        self._depth = 0
+        self._ids: set[str] = set()
 
     # -- the in-memory view --------------------------------------------------
 
     @property
     def depth(self) -> int:
         """Events waiting (in flight included)."""
-        return self._depth
+        return len(self._ids)
 
     def oldest_created(self) -> float | None:
-        heads = [q[0].created for q in self.pending.values() if q]
-        return min(heads) if heads else None
+        """Creation time of the oldest waiting event (safe to call from the metrics thread)."""
+        oldest: float | None = None
+        for q in list(self.pending.values()):  # a copy: the loop may change the dict meanwhile
+            try:
+                created = q[0].created
+            except IndexError:
+                continue
+            if oldest is None or created < oldest:
+                oldest = created
+        return oldest
 
     def add(self, events: list[Event]) -> None:
         """New waiting events (from the spool, in commit order)."""
         now = time.monotonic()
         for ev in events:
+            if ev.id in self._ids:
+                continue
+            self._ids.add(ev.id)
             q = self.pending.get(ev.customer_id)
             if q is None:
                 q = self.pending[ev.customer_id] = deque()
-            if any(e.id == ev.id for e in q):
-                continue
             if not q or q[-1].seq < ev.seq:
-                q.append(ev)
+                q.append(ev)  # the usual case: spool order
             else:
                 q.insert(bisect.bisect([e.seq for e in q], ev.seq), ev)
-            self._depth += 1
             self._schedule(ev.customer_id, now)
 
     def remove(self, events: list[Event]) -> None:
@@ -155,7 +163,7 @@ class Sender:
         for i, e in enumerate(q):
             if e.id == ev.id:
                 del q[i]
-                self._depth -= 1
+                self._ids.discard(ev.id)
                 if not q:
                     del self.pending[ev.customer_id]
                     self._due.pop(ev.customer_id, None)
@@ -221,6 +229,8 @@ class Sender:
             reason = f"expired: older than max_age_s={self.settings.max_age_s:g}"
             self.spool.bury(head.id, reason, None, head.last_error)
             self._count("expired")
+            if self.metrics is not None:
+                self.metrics.spool_events.labels("expired").inc()
             self.notify(DeliveryUpdate(head.id, head.customer_id, head.event, "dead", reason))
             self._schedule(customer, time.monotonic())
             return
@@ -267,7 +277,7 @@ class Sender:
         self.last_error = what
         ev.last_error = what
         self.spool.record_failure(ev.id, ev.attempts, what)
-        log.warning(
+        log.info(
             "API RETRY: %s for customer %s in %.2f s (attempt %d failed: %s)",
             ev.event,
             customer,

@@ -64,6 +64,7 @@ class DeliveryService:
             log.info("spool %s: %d event(s) waiting from before", self.spool.path, len(waiting))
         if self.settings.url:
             self._task = asyncio.create_task(self.sender.run(), name="event-sender")
+            self._task.add_done_callback(self._sender_done)
         else:
             log.warning(
                 "events.url is not set: experience events are kept on disk in %s and not sent (%d waiting)",
@@ -75,6 +76,11 @@ class DeliveryService:
             m.spool_depth.set_function(lambda: self.spool.counts.waiting)
             m.spool_dead.set_function(lambda: self.spool.counts.dead)
             m.spool_oldest_age.set_function(self._oldest_age)
+
+    @staticmethod
+    def _sender_done(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("event sender stopped: %r (events stay on disk; /health reports degraded)", task.exception())
 
     async def close(self) -> None:
         """Stop sending (in-flight requests are abandoned and resent after restart), commit and close the spool."""
@@ -167,7 +173,7 @@ class DeliveryService:
             "refused": sp.stats.refused,
             "dropped": sp.stats.dropped,
             "expired": sp.stats.expired,
-            "full": sp.stats.full_reason if sp.stats.refused or sp.stats.dropped else None,
+            "full": sp.stats.full_reason,
             "moved_aside": str(sp.moved_aside) if sp.moved_aside else None,
             "writer_alive": sp.alive,
         }

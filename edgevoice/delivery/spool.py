@@ -137,6 +137,13 @@ def open_file(path: Path) -> tuple[sqlite3.Connection, Path | None]:
         log.error("spool %s is damaged (%s): moved it aside to %s and started a fresh spool", path, exc, moved)
         conn = store.connect(path, create=True, check_same_thread=False)
         store.ensure_schema(conn)
+        salvaged = store.salvage(moved, conn)
+        if salvaged:
+            log.warning(
+                "spool: %d event(s) readable in the damaged file were put in the dead-letter table; "
+                "check them with `edgevoice spool dead` and send them with `edgevoice spool retry`",
+                salvaged,
+            )
         return conn, moved
 
 
@@ -169,6 +176,7 @@ class Spool:
         self._own_since_scan: set[int] = set()
         self._max_own_seq = 0
         self._next_tick = 0.0
+        self._batch_full: str | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -262,6 +270,7 @@ class Spool:
                 try:
                     first = self._queue.get(timeout=timeout)
                 except queue.Empty:
+                    self._next_tick = time.monotonic() + TICK_S  # even if the tick fails: no busy loop
                     self._execute([_Cmd("tick", ())])
                     continue
                 batch = [first]
@@ -280,6 +289,7 @@ class Spool:
                     except queue.Empty:
                         break
                 if time.monotonic() >= self._next_tick:
+                    self._next_tick = time.monotonic() + TICK_S
                     batch.append(_Cmd("tick", ()))
                 self._execute(batch)
                 running = not any(c.kind == "close" for c in batch)
@@ -330,6 +340,7 @@ class Spool:
         removed: list[tuple[list[Event], DeliveryState, str]] = []
         own: list[int] = []
         stats_delta = {"appended": 0, "refused": 0, "dropped": 0, "expired": 0}
+        self._batch_full: str | None = None
         conn.execute("BEGIN IMMEDIATE")
         try:
             appends = [c for c in batch if c.kind == "append"]
@@ -386,14 +397,12 @@ class Spool:
             self._max_own_seq = max(self._max_own_seq, *own)
         refused = stats_delta["refused"]
         if refused:
-            log.warning(
-                "spool full (%s): refused %d new event(s) (full_policy=refuse_new)", self.stats.full_reason, refused
-            )
+            log.warning("spool full (%s): refused %d new event(s) (full_policy=refuse_new)", self._batch_full, refused)
         if stats_delta["dropped"]:
             ids = [e.id for evs, st, _ in removed if st == "dropped" for e in evs]
             log.warning(
                 "spool full (%s): dropped %d oldest event(s) (full_policy=drop_oldest): %s",
-                self.stats.full_reason,
+                self._batch_full,
                 len(ids),
                 ", ".join(ids[:10]) + (" …" if len(ids) > 10 else ""),
             )
@@ -455,8 +464,10 @@ class Spool:
         size = store.row_size(customer_id, event, session_id)
         dropped: list[Event] = []
         reason = self._full_reason(size, free)
+        if reason is None:
+            self.stats.full_reason = None  # room again
         while reason is not None:
-            self.stats.full_reason = reason
+            self.stats.full_reason = self._batch_full = reason
             if self.settings.full_policy == "refuse_new":
                 raise SpoolFull(f"spool full: {reason}; new event {event} for customer {customer_id} refused")
             victim = self._drop_one(conn, prefer_dead=not reason.startswith("max_events"))
@@ -496,7 +507,6 @@ class Spool:
         self, conn: sqlite3.Connection, now: float, added: list[Event], stats_delta: dict[str, int]
     ) -> list[tuple[list[Event], DeliveryState, str]]:
         """Maintenance: pick up rows re-queued by another process; dead-letter expired events."""
-        self._next_tick = time.monotonic() + TICK_S
         removed: list[tuple[list[Event], DeliveryState, str]] = []
         version = conn.execute("PRAGMA data_version").fetchone()[0]
         if version != self._data_version:

@@ -14,7 +14,9 @@ serialises them, and the daemon notices through ``PRAGMA data_version``.
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,3 +256,71 @@ def purge_dead(conn: sqlite3.Connection) -> int:
         conn.execute("ROLLBACK")
         raise
     return n
+
+
+def salvage(damaged: Path, conn: sqlite3.Connection) -> int:
+    """Copy whatever rows can still be read from a damaged spool into ``conn``'s dead-letter table.
+
+    Rows from a damaged file are not trusted enough to be sent on their own; as dead
+    letters an operator can look at them and re-queue them. Reads a copy, so the
+    damaged file stays as it was found. Returns the number of rows salvaged.
+    """
+    rows: list[tuple[object, ...]] = []
+    with tempfile.TemporaryDirectory(prefix="edgevoice-salvage-") as tmp:
+        copy = Path(tmp) / SPOOL_FILE
+        for suffix in ("", "-wal"):
+            src = damaged.with_name(damaged.name + suffix)
+            if src.exists():
+                shutil.copyfile(src, copy.with_name(copy.name + suffix))
+        reason = f"salvaged from damaged spool {damaged.name}"
+        queries = (
+            f"SELECT id, customer_id, event, session_id, created, attempts, '{reason}', NULL, last_error FROM events ORDER BY seq",
+            "SELECT id, customer_id, event, session_id, created, attempts, reason, status, response FROM dead ORDER BY seq",
+        )
+        try:
+            src_conn = sqlite3.connect(copy)
+        except sqlite3.Error:
+            return 0
+        try:
+            for sql in queries:
+                try:
+                    for r in src_conn.execute(sql):
+                        rows.append(r)
+                except sqlite3.Error:
+                    continue  # keep what was read before the damage
+        finally:
+            src_conn.close()
+    now = time.time()
+    kept = 0
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for r in rows:
+            event_id, customer_id, event, session_id = r[0], r[1], r[2], r[3]
+            if not all(isinstance(v, str) and v for v in (event_id, customer_id, event)):
+                continue
+            if session_id is not None and not isinstance(session_id, str):
+                session_id = None
+            size = row_size(customer_id, event, session_id, str(r[8] or ""))  # type: ignore[arg-type]
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO dead (id, customer_id, event, session_id, created, attempts, died, reason,"
+                " status, response, size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    event_id,
+                    customer_id,
+                    event,
+                    session_id,
+                    r[4] if isinstance(r[4], float) else now,
+                    r[5] if isinstance(r[5], int) else 0,
+                    now,
+                    str(r[6]),
+                    r[7] if isinstance(r[7], int) else None,
+                    None if r[8] is None else str(r[8])[:RESPONSE_LIMIT],
+                    size,
+                ),
+            )
+            kept += cur.rowcount
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return kept

@@ -176,8 +176,12 @@ class StreamHub:
             stream.recognition = self.recognizer.open_stream(
                 stream_id, language=language, on_transcript=lambda t: self._on_transcript(stream, t)
             )
-        except ValueError as exc:  # the recognizer refuses the language (or the id)
-            raise StreamError("bad_language" if "language" in str(exc) else "bad_identifier", str(exc)) from None
+        except ValueError as exc:  # the recognizer refuses the language, the id, or still holds the id
+            text = str(exc)
+            code = (
+                "bad_language" if "language" in text else "duplicate_stream" if "already" in text else "bad_identifier"
+            )
+            raise StreamError(code, text) from None
         self._streams[stream_id] = stream
         self.metrics.streams.labels(source).inc()
         if session_id is not None and customer_id is not None:

@@ -121,12 +121,18 @@ class GeminiService:
         self.endpoint = f"wss://{parts.netloc or base}"
         self.native_audio = "native-audio" in settings.model.lower()
         self.open_sessions = 0
+        self.resumptions = 0
 
     # set-up ----------------------------------------------------------------------------------------------
     def build_client(self) -> None:
         """Import the SDK and build the client (file reads: run it off the loop)."""
-        genai = importlib.import_module("google.genai")
-        types = importlib.import_module("google.genai.types")
+        try:
+            genai = importlib.import_module("google.genai")
+            types = importlib.import_module("google.genai.types")
+        except ImportError:
+            self.status.error = "llm_not_configured: google-genai is not installed (pip install 'edgevoice[funvoice]')"
+            log.error("FunVoiceChat: %s", self.status.error)
+            return
         key = self.settings.gemini_api_key()
         if not key:
             self.status.error = (
@@ -181,11 +187,8 @@ class GeminiService:
     async def session(self, handle: str | None = None, *, probe: bool = False) -> AsyncIterator[AsyncSession]:
         """Open one Live connection (raising :class:`LiveError`), closed when the block ends."""
         if self.client is None:
-            raise LiveError(
-                "llm_not_configured",
-                "no Gemini API key is configured (funvoice.api_key, funvoice.api_key_file or GEMINI_API_KEY)",
-                fatal=True,
-            )
+            reason = (self.status.error or "").removeprefix("llm_not_configured: ")
+            raise LiveError("llm_not_configured", reason or "Gemini is not configured", fatal=True)
         timeout = self.settings.connect_timeout_s
         stack = contextlib.AsyncExitStack()
         connect = self.client.aio.live.connect(model=self.settings.model, config=self.live_config(handle, probe=probe))
@@ -288,18 +291,20 @@ class Conversation:
 
     async def send_text(self, text: str) -> None:
         """A typed message, as realtime text input."""
-        await self._ready_session()
-        assert self._session is not None
-        await self._session.send_realtime_input(text=text)
+        session = await self._ready_session()
+        await session.send_realtime_input(text=text)
 
     async def end_audio(self) -> None:
         """The microphone stopped: let the model's voice detection close the turn."""
-        await self._ready_session()
-        assert self._session is not None
-        await self._session.send_realtime_input(audio_stream_end=True)
+        session = await self._ready_session()
+        await session.send_realtime_input(audio_stream_end=True)
 
-    async def _ready_session(self) -> None:
+    async def _ready_session(self) -> AsyncSession:
+        """The open session, waiting for a (re)connection to finish; TimeoutError when none opens in time."""
         await asyncio.wait_for(self._ready.wait(), self.service.settings.connect_timeout_s * 2)
+        if self._session is None:
+            raise ConnectionError("the Live session closed")
+        return self._session
 
     # the connection loop ---------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -360,6 +365,7 @@ class Conversation:
         self.connections += 1
         if resumed:
             self.resumptions += 1
+            self.service.resumptions += 1
         self._session = session
         msg: dict[str, Any] = {"type": "session_resumed" if resumed else "ready", "user_id": self.user_id}
         if not resumed:
@@ -393,10 +399,10 @@ class Conversation:
                     break
                 except Exception as exc:  # closed or dropped (APIError with the close code, ConnectionClosed)
                     return f"closed: {exc}"
-                if await self._dispatch(session, msg):
+                if await self._dispatch(msg):
                     return "goAway"
 
-    async def _dispatch(self, session: AsyncSession, msg: Any) -> bool:
+    async def _dispatch(self, msg: Any) -> bool:
         """Handle one server message; True when the server asked us to go away."""
         update = msg.session_resumption_update
         if update is not None and update.resumable and update.new_handle:
@@ -451,9 +457,8 @@ class Conversation:
 
         response = await self.toolbox.call(self.user_id, call_id, name, args)
         try:
-            await self._ready_session()
-            assert self._session is not None
-            await self._session.send_tool_response(
+            session = await self._ready_session()
+            await session.send_tool_response(
                 function_responses=[types.FunctionResponse(id=call_id, name=name, response=response)]
             )
         except Exception as exc:

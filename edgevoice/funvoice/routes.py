@@ -82,7 +82,7 @@ def health_sections(fv: FunVoice) -> dict[str, Any]:
             "error": status.error,
             "checked_at": status.checked_at_wall,
             "live_connections": service.open_sessions,
-            "resumptions": sum(conv.resumptions for conv, _ in fv.conversations.values()),
+            "resumptions": service.resumptions,
             "catalogue": str(fv.catalogue.path) if fv.catalogue.path else None,
         }
 
@@ -276,14 +276,22 @@ async def _side_ws(request: web.Request, kind: Kind) -> web.WebSocketResponse:
         fv.channels.add(kind, user_id, ws)
         try:
             await ws.send_json({"type": "connected", "channel": kind, "user_id": user_id})
-            async for msg in ws:
-                if msg.type == WSMsgType.TEXT and msg.data.strip() in ('{"type":"ping"}', '{"type": "ping"}', "ping"):
+            async for msg in ws:  # the front end only listens; a ping is answered
+                if msg.type == WSMsgType.TEXT and _is_ping(msg.data):
                     await ws.send_json({"type": "pong"})
         finally:
             fv.channels.remove(kind, user_id, ws)
     finally:
         request.app[WEBSOCKETS].discard(ws)
     return ws
+
+
+def _is_ping(data: str) -> bool:
+    try:
+        msg = json.loads(data)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(msg, dict) and msg.get("type") == "ping"
 
 
 async def tools_ws(request: web.Request) -> web.WebSocketResponse:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,9 @@ FULL_FRAMES = 3000
 """Mel frames of Whisper's native 30 s window."""
 FIT_BUCKETS_S = (4, 8, 16)
 """Window lengths that share an encoder call in the fit window (longer ones go together up to 30 s)."""
+ATTENTION_BUDGET_WINDOWS = 4
+"""Most full 30 s windows per encoder call (about 55 MB of attention each for tiny, 75 MB for base); shorter
+windows get proportionally more. Bounds the memory of a call whatever the batch."""
 MAX_TOKENS_PER_S = 12
 """Generated tokens allowed per second of audio (speech rarely exceeds ~8); more means a loop."""
 NO_SPEECH_THRESHOLD = 0.6
@@ -121,12 +125,17 @@ def pick_compute_type(configured: str, device: str) -> str:
     return "int8_float16" if device == "cuda" else "int8"
 
 
-def repetition_cut(tokens: list[int], max_period: int = 40) -> list[int] | None:
-    """The tokens up to the end of the first copy of a decoder loop, or None when there is no loop.
+def _per_call(window_s: float) -> int:
+    """Windows per encoder call: self-attention memory grows with the square of the window length."""
+    return max(1, int(ATTENTION_BUDGET_WINDOWS * (30 / window_s) ** 2))
 
-    A loop is a phrase immediately repeated: twice for phrases of 4+ tokens, 4 times for shorter
-    ones (people do say "no, no, no"). Whisper's loops are far longer than either.
-    """
+
+def _chunks(items: list[int], size: int) -> list[list[int]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _tandem(tokens: list[int], accept: Callable[[int, int], bool], max_period: int = 40) -> int | None:
+    """End of the first copy of the first phrase repeated back to back that ``accept(period, copies)``."""
     n = len(tokens)
     for i in range(n):
         for period in range(1, min(max_period, (n - i) // 2) + 1):
@@ -134,9 +143,32 @@ def repetition_cut(tokens: list[int], max_period: int = 40) -> list[int] | None:
             copies = 1
             while tokens[i + copies * period : i + (copies + 1) * period] == unit:
                 copies += 1
-            if copies >= (2 if period >= 4 else 4):
-                return tokens[: i + period]
+            if copies > 1 and accept(period, copies):
+                return i + period
     return None
+
+
+def _is_loop(period: int, copies: int) -> bool:
+    return copies >= (2 if period >= 4 else 4)
+
+
+def _is_suspect(period: int, copies: int) -> bool:
+    return copies >= (2 if period >= 4 else 3)
+
+
+def repetition_cut(tokens: list[int]) -> list[int] | None:
+    """The tokens up to the end of the first copy of a decoder loop, or None when there is no loop.
+
+    A loop is a phrase immediately repeated: twice for phrases of 4+ tokens, 4 times for shorter
+    ones (people do say "no, no, no"). Whisper's loops are far longer than either.
+    """
+    end = _tandem(tokens, _is_loop)
+    return None if end is None else tokens[:end]
+
+
+def looks_looped(tokens: list[int]) -> bool:
+    """A loop, or a short phrase said three times in a row: worth a second decode in the full window."""
+    return _tandem(tokens, _is_suspect) is not None
 
 
 class Engine:
@@ -229,18 +261,19 @@ class Engine:
             # In the fit window, short and long windows go in separate calls (padding costs compute).
             bucket = next((b for b in FIT_BUCKETS_S if len(r.audio) / SAMPLE_RATE + 1 <= b), 30) if fit else 30
             groups.setdefault((r.language, r.beam_size, bucket), []).append(i)
-        for (language, beam, _), idx in groups.items():
-            full = self.settings.window == "full"
-            out = self._decode_group([requests[i] for i in idx], language, beam, full=full)
-            retry = [k for k, (_, looped) in enumerate(out) if looped and requests[idx[k]].retry] if not full else []
-            if retry:
-                self.window_retries += len(retry)
-                again = self._decode_group([requests[idx[k]] for k in retry], language, beam, full=True)
-                for k, res in zip(retry, again, strict=True):
-                    res[0].retried = True
-                    out[k] = res
-            for k, (res, _) in enumerate(out):
-                results[idx[k]] = res
+        full = not fit
+        for (language, beam, bucket), members in groups.items():
+            for idx in _chunks(members, _per_call(bucket)):
+                out = self._decode_group([requests[i] for i in idx], language, beam, full=full)
+                retry = [k for k, (_, looped) in enumerate(out) if looped and requests[idx[k]].retry] if fit else []
+                for part in _chunks(retry, _per_call(30)):
+                    self.window_retries += len(part)
+                    again = self._decode_group([requests[idx[k]] for k in part], language, beam, full=True)
+                    for k, res in zip(part, again, strict=True):
+                        res[0].retried = True
+                        out[k] = res
+                for k, (res, _) in enumerate(out):
+                    results[idx[k]] = res
         return [r if r is not None else Decoded("") for r in results]
 
     def _features(self, audios: list[np.ndarray], full: bool) -> tuple[np.ndarray, list[int]]:
@@ -298,7 +331,7 @@ class Engine:
             avg_logprob = r.scores[0] * seq_len / (seq_len + 1)
             allowed = int(len(a) / SAMPLE_RATE * MAX_TOKENS_PER_S) + 10
             cut = repetition_cut(tokens)
-            looped = cut is not None or len(tokens) >= allowed
+            looped = cut is not None or len(tokens) >= allowed or (not full and looks_looped(tokens))
             if cut is not None:
                 tokens = cut
             tokens = tokens[:allowed]

@@ -41,7 +41,7 @@ class WhisperRecognizer:
     ) -> WhisperRecognizer:
         """Load the model and the diarizer (blocking: call it off the event loop); not started yet."""
         engine = Engine.load(settings, models_dir)
-        diarizer = build_diarizer(diarization or DiarizationSettings(), metrics)
+        diarizer = build_diarizer(diarization or DiarizationSettings(), metrics, models_dir=models_dir)
         return cls(engine, settings, metrics, diarizer)
 
     def start(self) -> None:

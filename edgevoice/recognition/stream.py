@@ -230,7 +230,11 @@ class Stream:
                 self._gap(n, on_drop)
                 continue
             if self.diarizer is not None:
-                self.diarizer.feed(audio)
+                try:
+                    self.diarizer.feed(audio)
+                except Exception:
+                    log.exception("stream %s: diarizer failed; speakers are no longer labelled", self.stream_id)
+                    self.diarizer = None
             windows, probs = self._vad.process(audio)
             self._windows(windows, probs, wall)
         if self.finishing and not self.flushed and not self._inbox:
@@ -319,8 +323,11 @@ class Stream:
                 )
             )
         elif self._partial_text.get(self._segment):
-            # A partial was shown for what turned out to be no speech: withdraw it.
-            self._emit_final(self._segment, self._utt_start, [], "", self._utt_start, self._utt_start + end)
+            # A partial was shown for what turned out to be no speech: withdraw it (in order, after
+            # the finals still queued).
+            self.finals.append(
+                FinalJob(self._segment, self._utt_start, self._buf[:0].copy(), None, time.monotonic(), Decoded(""))
+            )
         self._len = 0
         self.partial_due_since = None
         self._hyp = None
@@ -445,7 +452,12 @@ class Stream:
         if not text and not self._partial_text.get(segment):
             return []
         t = self._transcript(segment, start, words, text, last - start, final=True)
-        parts = list(self.diarizer.split(t)) if self.diarizer is not None and text else [t]
+        parts = [t]
+        if self.diarizer is not None and text:
+            try:
+                parts = list(self.diarizer.split(t)) or [t]
+            except Exception:
+                log.exception("stream %s: diarizer split failed; final kept unlabelled", self.stream_id)
         for p in parts:
             self.emit(p)
         self.words_emitted += len(t.words)

@@ -183,11 +183,6 @@ class PortAudio:
         self._claimed: dict[int, str] = {}
         self._rescanned_for: dict[str, frozenset[str]] = {}
 
-    def devices(self) -> list[dict[str, Any]]:
-        with self._cond:
-            self._wait_rescan()
-            return input_devices(self.sd)
-
     def _wait_rescan(self) -> None:
         while self._rescanning:
             self._cond.wait()
@@ -366,10 +361,9 @@ class DeviceCapture:
     # -- worker thread -------------------------------------------------------------
 
     def _set_state(self, state: str, error: str | None = None) -> None:
-        changed = state != self.state or error != self.error
+        if (state == "up") != (self.state == "up"):
+            self.since = time.time()  # when the device last came up or went away
         self.state, self.error = state, error
-        if changed:
-            self.since = time.time()
         self._up_metric.set(1 if state == "up" else 0)
 
     def _run(self) -> None:
@@ -396,6 +390,8 @@ class DeviceCapture:
                 continue
             if ran >= HEALTHY_S:
                 delay = FIRST_RETRY_S
+            if ran:
+                reported = None  # it was up in between: say it again
             self.failures += 1
             self._set_state("down", reason)
             if reason != reported:

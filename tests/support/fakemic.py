@@ -45,6 +45,8 @@ class FakeMic:
         self._quit = threading.Event()
         self._flowing = threading.Event()
         self.frames_written = 0
+        self.writer_cpu_s = 0.0
+        """CPU time the current feeding thread has used (benches subtract it)."""
 
     def asoundrc(self) -> str:
         return (
@@ -151,6 +153,7 @@ class FakeMic:
                 return
             sent += self.block
             self.frames_written += self.block
+            self.writer_cpu_s = time.thread_time()
             now = time.monotonic()
             due = start + sent / self.rate
             if now - due > REALIGN_S:

@@ -149,7 +149,10 @@ class Receiver:
     async def _down(self) -> None:
         if self._site is not None:
             site, self._site = self._site, None
-            await site.stop()  # closes the listening socket and open connections
+            await site.stop()  # closes the listening socket…
+            assert self._runner is not None and self._runner.server is not None
+            for conn in self._runner.server.connections:
+                conn.force_close()  # …and the kept-alive connections: nothing gets through while down
 
     async def _shutdown(self) -> None:
         self._wake()

@@ -35,6 +35,8 @@ class SpeakerTimeline:
         self._rows = np.full((0, slots), np.nan, dtype=np.float32)
         self._base = 0
         """Absolute frame index of ``_rows[0]``."""
+        self._end = 0
+        """One past the newest frame written or marked known."""
 
     def _grow(self, end: int) -> None:
         have = self._base + len(self._rows)
@@ -54,6 +56,7 @@ class SpeakerTimeline:
             raise ValueError(f"rows must have shape (frames, {self.slots}), got {rows.shape}")
         with self._lock:
             self._grow(start + len(rows))
+            self._end = max(self._end, start + len(rows))
             lo = max(start, self._base)
             if lo >= start + len(rows):
                 return
@@ -70,15 +73,14 @@ class SpeakerTimeline:
             return
         with self._lock:
             self._grow(end)
+            self._end = max(self._end, end)
             view = self._rows[max(start, self._base) - self._base : end - self._base]
             view[np.isnan(view)] = 0.0
 
     @property
     def end_frame(self) -> int:
         """One past the newest frame written (unknown frames may lie before it)."""
-        with self._lock:
-            known = np.flatnonzero(~np.isnan(self._rows[:, 0]))
-            return self._base + int(known[-1]) + 1 if len(known) else self._base
+        return self._end
 
     def frames(self, start: int, end: int) -> np.ndarray:
         """Copy of the scores of frames ``start .. end`` (NaN where unknown or forgotten)."""

@@ -159,6 +159,7 @@ class EmbeddingDiarizer:
 
     def absorb(self, s: EmbeddingStream, start: int, audio: np.ndarray) -> None:
         if start > s.pos + len(s.pending):  # audio was skipped: the open region ends where it stopped
+            self._process(s)
             self._close_region(s)
             s.pending, s.pos = np.zeros(0, dtype=np.float32), start
         s.pending = np.concatenate([s.pending, audio]) if len(s.pending) else audio

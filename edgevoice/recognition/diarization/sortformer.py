@@ -56,9 +56,9 @@ def resolve_model(name_or_path: str, models_dir: Path | None) -> Path:
         return path
     specs = models.load_manifest()
     spec = specs.get(name_or_path)
-    nemo_files = [f.name for f in spec.files if f.name.endswith(".nemo")] if spec else []
+    nemo_files = [f.name for f in spec.files if f.name.endswith(".nemo")] if spec and spec.kind == "sortformer" else []
     if not nemo_files:
-        known = sorted(n for n, s in specs.items() if any(f.name.endswith(".nemo") for f in s.files))
+        known = sorted(n for n, s in specs.items() if s.kind == "sortformer")
         raise DiarizationError(
             f"diarization.model = {name_or_path!r}: not a .nemo file and not a Sortformer model in the manifest "
             f"(known: {', '.join(known) or 'none'})"
@@ -177,7 +177,11 @@ class SortformerDiarizer:
     def absorb(self, s: SortformerStream, start: int, audio: np.ndarray) -> None:
         expected = s.buf_start + len(s.buf)
         if start > expected:
-            # Audio was skipped: resume at the next whole 80 ms frame, keeping the speaker cache.
+            # Audio was skipped: finish what the audio before the gap allows, then resume at the
+            # next whole 80 ms frame, keeping the speaker cache.
+            while self.ready(s):
+                lo, _, margin, _ = self._window(s)
+                self._step([s], lo, margin)
             frame = self.sub * self.hop
             resume = -(-start // frame) * frame
             audio = audio[resume - start :]
