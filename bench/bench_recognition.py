@@ -190,7 +190,7 @@ async def main() -> None:
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--compute-type", default="auto")
     ap.add_argument("--threads", type=int, default=0, help="CTranslate2 CPU threads (0: all cores)")
-    ap.add_argument("--window", default="fit", choices=["fit", "full"])
+    ap.add_argument("--window", default="auto", choices=["auto", "fit", "full"])
     ap.add_argument("--seconds", type=float, default=30.0, help="length of the monologue")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()

@@ -147,8 +147,10 @@ class AsrSettings(_Section):
     """Longest utterance decoded as one piece; longer speech is committed by the stability rule or cut here."""
     initial_prompt: str | None = None
     """Text prompt for the decoder. Off by default: prompting with keywords was measured to invent them."""
-    window: Literal["fit", "full"] = "fit"
-    """Encoder window: fit encodes only the utterance (+1 s, 4-7x cheaper; a looping item is redone in full); full always encodes Whisper's 30 s."""
+    window: Literal["auto", "fit", "full"] = "auto"
+    """Encoder window: full is Whisper's 30 s (most accurate); fit only the audio (+1 s, 5-25x cheaper); auto: finals full while that costs under final_budget_s per batch, else fit; partials always fit."""
+    final_budget_s: float = Field(0.6, ge=0, le=10)
+    """window = auto: compute a batch of finals may spend in full windows (0: always fit)."""
     max_backlog_s: float = Field(60.0, ge=5, le=600)
     """Audio one stream may have waiting for recognition; beyond it the oldest is dropped, counted and logged."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import tempfile
@@ -53,6 +54,16 @@ def diarizer() -> Iterator[EmbeddingDiarizer]:
     assert isinstance(d, EmbeddingDiarizer)
     yield d
     d.close()
+
+
+def test_auto_starts_embeddings_on_a_cpu_box(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="edgevoice.recognition.diarization")
+    d = build_diarizer(DiarizationSettings(backend="auto", device="cpu"), Metrics())
+    try:
+        assert d.name == "embedding"
+        assert "auto chose embedding (sortformer: no CUDA GPU" in caplog.text
+    finally:
+        d.close()
 
 
 def test_two_alternating_voices_are_two_consistent_speakers(diarizer: EmbeddingDiarizer) -> None:

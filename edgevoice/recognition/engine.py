@@ -8,13 +8,14 @@ recognizer's inference thread calls it.
 
 Window: Whisper was trained on 30 s windows, and faster-whisper always encodes one
 (about 0.2 s for tiny.en, 0.4 s for base on this CPU, whatever the audio length).
-CTranslate2 also accepts a shorter mel input; ``asr.window = "fit"`` (the default)
-encodes only the batch's longest utterance rounded up plus one second, 4-7x
-cheaper. A short window occasionally makes the decoder loop; every item that
-loops, or emits more tokens than its duration allows, is decoded again in the full
-30 s window (``window_retries``), and a repetition that survives is cut to its first
-occurrence. Decoding is greedy unless ``beam_size`` > 1, at temperature 0 with no
-fallback (the fallback multiplies the cost on noise and is what invents text).
+CTranslate2 also accepts a shorter mel input: a request with ``full=False`` is
+encoded in a window fitted to it (rounded up to 4, 8 or 16 s, +1 s), 5-25x cheaper
+but slightly less accurate on short phrases; the scheduler decides which requests
+get the full window (``asr.window``). A fitted window occasionally makes the decoder
+loop; such a final is decoded again in the full window (``window_retries``), and a
+repetition that survives is cut to its first copy. Decoding is greedy unless
+``beam_size`` > 1, at temperature 0 with no fallback (the fallback multiplies the
+cost on noise and is what invents text).
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ class DecodeRequest:
     """Decode again in the full window when the short one loops (finals); partials just cut the loop."""
     words: bool = True
     """Compute word timestamps (an alignment pass, about a quarter of the cost of a short window)."""
+    full: bool = False
+    """Encode Whisper's full 30 s window instead of one fitted to the audio."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +188,8 @@ class Engine:
         self._suppress: tuple[int, ...] | None = None
         self.window_retries = 0
         """Items decoded again in the full window after looping in a short one."""
+        self.full_window_s = 0.0
+        """Seconds one full-window decode takes here (moving average; measured at load, then as it runs)."""
 
     @classmethod
     def load(cls, settings: AsrSettings, models_dir: Path) -> Engine:
@@ -217,8 +222,27 @@ class Engine:
             multilingual=bool(model.model.is_multilingual),
             load_s=time.monotonic() - started,
         )
-        log.info("model %s loaded from %s (%s, %s) in %.2f s", info.model, path, device, compute, info.load_s)
-        return cls(model, info, settings)
+        engine = cls(model, info, settings)
+        engine.warm_up()
+        log.info(
+            "model %s loaded from %s (%s, %s) in %.2f s; a full-window decode takes %.2f s",
+            info.model,
+            path,
+            device,
+            compute,
+            time.monotonic() - started,
+            engine.full_window_s,
+        )
+        return engine
+
+    def _full_cost(self, seconds: float, items: int) -> None:
+        per_item = seconds / max(1, items)
+        self.full_window_s = per_item if not self.full_window_s else 0.7 * self.full_window_s + 0.3 * per_item
+
+    def warm_up(self) -> None:
+        """One full-window decode of silence: first-call set-up cost paid at start-up, and its cost measured."""
+        language = "en" if not self.info.multilingual else (self.settings.language or "en")
+        self.decode([DecodeRequest(np.zeros(SAMPLE_RATE, dtype=np.float32), language, full=True, words=True)])
 
     # -- language ---------------------------------------------------------------------------------
 
@@ -252,23 +276,28 @@ class Engine:
     def decode(self, requests: list[DecodeRequest]) -> list[Decoded]:
         """Decode every request, batched; results in request order."""
         results: list[Decoded | None] = [None] * len(requests)
-        groups: dict[tuple[str | None, int, int], list[int]] = {}
-        fit = self.settings.window == "fit"
+        groups: dict[tuple[str | None, int, bool, int], list[int]] = {}
         for i, r in enumerate(requests):
             if len(r.audio) == 0:
                 results[i] = Decoded("", language=r.language)
                 continue
-            # In the fit window, short and long windows go in separate calls (padding costs compute).
-            bucket = next((b for b in FIT_BUCKETS_S if len(r.audio) / SAMPLE_RATE + 1 <= b), 30) if fit else 30
-            groups.setdefault((r.language, r.beam_size, bucket), []).append(i)
-        full = not fit
-        for (language, beam, bucket), members in groups.items():
+            # Fitted windows of different lengths go in separate calls (padding costs compute).
+            fit = next((b for b in FIT_BUCKETS_S if len(r.audio) / SAMPLE_RATE + 1 <= b), 30)
+            groups.setdefault((r.language, r.beam_size, r.full, 30 if r.full else fit), []).append(i)
+        for (language, beam, full, bucket), members in groups.items():
             for idx in _chunks(members, _per_call(bucket)):
+                started = time.monotonic()
                 out = self._decode_group([requests[i] for i in idx], language, beam, full=full)
-                retry = [k for k, (_, looped) in enumerate(out) if looped and requests[idx[k]].retry] if fit else []
+                if full:
+                    self._full_cost(time.monotonic() - started, len(idx))
+                retry = (
+                    [k for k, (_, looped) in enumerate(out) if looped and requests[idx[k]].retry] if not full else []
+                )
                 for part in _chunks(retry, _per_call(30)):
                     self.window_retries += len(part)
+                    started = time.monotonic()
                     again = self._decode_group([requests[idx[k]] for k in part], language, beam, full=True)
+                    self._full_cost(time.monotonic() - started, len(part))
                     for k, res in zip(part, again, strict=True):
                         res[0].retried = True
                         out[k] = res

@@ -37,6 +37,8 @@ STALL_S = 60.0
 class _Item:
     stream: Stream
     job: FinalJob | PartialJob
+    full: bool = False
+    """Decode in Whisper's full 30 s window."""
 
 
 class Scheduler:
@@ -120,7 +122,11 @@ class Scheduler:
                 self._remove(s)
                 continue
             if s.diarizer is None and s.diarizer_factory is not None:
-                s.diarizer = s.diarizer_factory()
+                factory, s.diarizer_factory = s.diarizer_factory, None
+                try:
+                    s.diarizer = factory()
+                except Exception:
+                    log.exception("stream %s: diarizer failed to open; speakers are not labelled", s.stream_id)
             s.ingest(self._dropped)
         streams = [s for s in streams if not s.closed]
         for s in streams:
@@ -159,11 +165,15 @@ class Scheduler:
             key=lambda x: (x[0], x[1]),
         )
         items = [_Item(s, job) for _, _, s, job in finals[:limit]]
+        n_full = self._full_finals(len(items))
+        for it in items[:n_full]:
+            it.full = True
         due = [s for s in streams if not s.finishing and s.partial_due(now)]
         if not due:
             return items
         due.sort(key=lambda s: s.partial_due_since or now)
-        budget = self.settings.partial_interval_s - self._item_cost * len(items)
+        finals_cost = n_full * self.engine.full_window_s + (len(items) - n_full) * self._item_cost
+        budget = self.settings.partial_interval_s - finals_cost
         room = min(limit - len(items), int(budget / max(self._item_cost, 1e-3)))
         if not items:
             room = max(room, 1)
@@ -182,10 +192,21 @@ class Scheduler:
         requests = []
         for it in items:
             if isinstance(it.job, FinalJob):
-                requests.append(DecodeRequest(it.job.audio, it.stream.language, beam, retry=True, words=True))
+                requests.append(
+                    DecodeRequest(it.job.audio, it.stream.language, beam, retry=True, words=True, full=it.full)
+                )
             else:
                 words = len(it.job.audio) >= it.stream.words_from
-                requests.append(DecodeRequest(it.job.audio, it.stream.language, 1, retry=False, words=words))
+                requests.append(
+                    DecodeRequest(
+                        it.job.audio,
+                        it.stream.language,
+                        1,
+                        retry=False,
+                        words=words,
+                        full=self.settings.window == "full",
+                    )
+                )
         n_final = sum(isinstance(it.job, FinalJob) for it in items)
         kind = "final" if n_final == len(items) else "partial" if n_final == 0 else "mixed"
         started = time.monotonic()
@@ -202,7 +223,8 @@ class Scheduler:
         self.batches += 1
         self.metrics.batch_size.labels(kind).observe(len(items))
         self.metrics.inference_seconds.labels(kind).observe(elapsed)
-        self._item_cost = 0.7 * self._item_cost + 0.3 * (elapsed / len(items))
+        if kind == "partial":  # the partial budget is in partial (fitted, greedy) windows
+            self._item_cost = 0.7 * self._item_cost + 0.3 * (elapsed / len(items))
         log.debug(
             "decoded %d window(s) (%s, longest %.1f s) in %.3f s",
             len(items),
@@ -217,6 +239,16 @@ class Scheduler:
             if isinstance(it.job, PartialJob):
                 self._emit_ready(it.stream)  # finals of earlier segments go first
                 it.stream.apply_partial(it.job, res)
+
+    def _full_finals(self, finals: int) -> int:
+        """How many of this batch's finals (oldest first) get Whisper's full 30 s window."""
+        window = self.settings.window
+        if window != "auto":
+            return finals if window == "full" else 0
+        cost = self.engine.full_window_s
+        if cost <= 0:
+            return 0
+        return min(finals, int(self.settings.final_budget_s / cost))
 
     def _emit_ready(self, s: Stream) -> None:
         """Emit the stream's leading finals whose text is known, in order."""

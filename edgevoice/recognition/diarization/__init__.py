@@ -96,10 +96,23 @@ def build_diarizer(settings: DiarizationSettings, metrics: Metrics, *, models_di
     ``models_dir`` is where manifest models are installed (needed when ``diarization.model``
     is a manifest name rather than a ``.nemo`` path). Raises :class:`DiarizationError`.
     """
-    backend = settings.backend
-    if backend == "auto":
-        backend, why = pick_backend(settings, models_dir)
-        log.info("diarization: auto chose %s (%s)", backend, why)
+    if settings.backend != "auto":
+        return _load(settings.backend, settings, metrics, models_dir)
+    choice, why = pick_backend(settings, models_dir)
+    log.info("diarization: auto chose %s (%s)", choice, why)
+    order = _AUTO_ORDER[_AUTO_ORDER.index(choice) :]
+    for backend in order[:-1]:
+        try:
+            return _load(backend, settings, metrics, models_dir)
+        except DiarizationError as exc:
+            log.warning("diarization: auto could not start %s (%s); trying the next backend", backend, exc)
+    return NoDiarizer()
+
+
+_AUTO_ORDER = ("sortformer", "embedding", "none")
+
+
+def _load(backend: str, settings: DiarizationSettings, metrics: Metrics, models_dir: Path | None) -> Diarizer:
     if backend == "sortformer":
         from edgevoice.recognition.diarization.sortformer import load_sortformer
 

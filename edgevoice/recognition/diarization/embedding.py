@@ -65,7 +65,10 @@ def load_embedding(settings: DiarizationSettings, metrics: Metrics) -> Embedding
     device = pick_device(settings.device)
     if device == "cpu" and settings.cpu_threads:
         torch.set_num_threads(settings.cpu_threads)
-    encoder = VoiceEncoder(device, verbose=False)
+    try:
+        encoder = VoiceEncoder(device, verbose=False)
+    except Exception as exc:
+        raise DiarizationError(f"cannot load resemblyzer's voice encoder: {exc}") from None
     encoder.eval()
     log.info("embedding diarizer (resemblyzer) loaded on %s", device)
     return EmbeddingDiarizer(encoder, webrtcvad.Vad, settings, metrics)

@@ -54,7 +54,10 @@ def resolve_model(name_or_path: str, models_dir: Path | None) -> Path:
         if not path.is_file():
             raise DiarizationError(f"diarization.model = {name_or_path!r}: no such .nemo file")
         return path
-    specs = models.load_manifest()
+    try:
+        specs = models.load_manifest()
+    except models.ModelError as exc:
+        raise DiarizationError(f"diarization.model = {name_or_path!r}: {exc}") from None
     spec = specs.get(name_or_path)
     nemo_files = [f.name for f in spec.files if f.name.endswith(".nemo")] if spec and spec.kind == "sortformer" else []
     if not nemo_files:
