@@ -180,6 +180,7 @@ async def run_n(n: int, audio: np.ndarray, ends: list[float], reference: str, se
         "mean_batch": round(size_sum / size_count, 2) if size_count else 0,
         "partials_skipped": rec.scheduler.partials_skipped,
         "window_retries": rec.engine.window_retries,
+        "full_windows": rec.engine.full_windows - 1,  # minus the warm-up
     }
 
 
@@ -207,7 +208,7 @@ async def main() -> None:
         f"{len(audio) / RATE:.1f} s per stream, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}",
         flush=True,
     )
-    header = "streams  p50_s  p95_s  missed  WER    cpu   rss_MB  max_lag  bounded  batch  skipped"
+    header = "streams  p50_s  p95_s  missed  WER    cpu   rss_MB  max_lag  bounded  batch  skipped  full"
     if not args.json:
         print(header, flush=True)
     results = []
@@ -221,7 +222,8 @@ async def main() -> None:
             print(
                 f"{n:>7}  {r['p50_s'] or float('nan'):5.2f}  {r['p95_s'] or float('nan'):5.2f}  {r['missed']:>6}  "
                 f"{r['wer']:.3f}  {r['cpu_cores']:4.2f}  {r['rss_mb']:>6}  {r['max_lag_s']:7.2f}  "
-                f"{'yes' if r['bounded'] else 'NO':>7}  {r['mean_batch']:5.2f}  {r['partials_skipped']:>7}",
+                f"{'yes' if r['bounded'] else 'NO':>7}  {r['mean_batch']:5.2f}  {r['partials_skipped']:>7}  "
+                f"{r['full_windows']:>4}",
                 flush=True,
             )
     print(f"# peak RSS of the process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")

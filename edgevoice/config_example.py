@@ -31,6 +31,18 @@ def _toml_value(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
+def _placeholder(annotation: Any, value: Any) -> str:
+    """A valid-looking example for a key that is unset by default."""
+    if isinstance(value, list):
+        return "[]"
+    args = set(getattr(annotation, "__args__", ()) or (annotation,))
+    if int in args:
+        return "1  # unset by default"
+    if float in args:
+        return "1.0  # unset by default"
+    return '""'
+
+
 def _doc(text: str | None, indent: str = "") -> list[str]:
     return [f"{indent}# {line}".rstrip() for line in (text or "").splitlines()]
 
@@ -62,7 +74,7 @@ def render_example() -> str:
                 continue
             out += _doc(field.description)
             if value is None or isinstance(value, SecretStr) or (isinstance(value, list) and not value):
-                example = _EXAMPLES.get(dotted, '""' if value is None else "[]")
+                example = _EXAMPLES.get(dotted) or _placeholder(field.annotation, value)
                 out.append(f"# {key} = {example}")
             else:
                 out.append(f"{key} = {_toml_value(value)}")

@@ -191,3 +191,6 @@ def test_stream_audio_copies_drops_oldest_and_keeps_positions() -> None:
     q.push(np.ones(5, np.float32))
     assert [(s, len(a)) for s, a in q.take()] == [(120, 10), (160, 5)]
     assert q.take() == []
+    with pytest.raises(ValueError, match=r"mono 16 kHz audio \(1-D\), got shape \(10, 2\)"):
+        q.push(np.zeros((10, 2), np.float32))
+    assert q.pending == 0

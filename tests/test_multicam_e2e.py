@@ -128,7 +128,7 @@ async def test_three_customers_on_one_connection(daemon_factory: Callable[..., D
     daemon = start_daemon(daemon_factory, receiver)
     talk = {
         CUSTOMER_A: ["Hello there, good evening.", "I am so sorry about that."],
-        CUSTOMER_B: ["Hi, hello.", "Could we have some water please?"],
+        CUSTOMER_B: ["Could we have some water please?", "Hello there, good evening."],
         CUSTOMER_C: ["I would like to order a coffee please."],
     }
     # Customers take turns at the start (as at a table), then overlap.

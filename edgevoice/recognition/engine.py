@@ -156,7 +156,7 @@ def _is_loop(period: int, copies: int) -> bool:
 
 
 def _is_suspect(period: int, copies: int) -> bool:
-    return copies >= (2 if period >= 4 else 3)
+    return copies >= (2 if period >= 3 else 3)
 
 
 def repetition_cut(tokens: list[int]) -> list[int] | None:
@@ -188,6 +188,8 @@ class Engine:
         self._suppress: tuple[int, ...] | None = None
         self.window_retries = 0
         """Items decoded again in the full window after looping in a short one."""
+        self.full_windows = 0
+        """Windows decoded in the full 30 s window (requested or retried)."""
         self.full_window_s = 0.0
         """Seconds one full-window decode takes here (moving average; measured at load, then as it runs)."""
 
@@ -236,6 +238,7 @@ class Engine:
         return engine
 
     def _full_cost(self, seconds: float, items: int) -> None:
+        self.full_windows += items
         per_item = seconds / max(1, items)
         self.full_window_s = per_item if not self.full_window_s else 0.7 * self.full_window_s + 0.3 * per_item
 
@@ -293,6 +296,8 @@ class Engine:
                 retry = (
                     [k for k, (_, looped) in enumerate(out) if looped and requests[idx[k]].retry] if not full else []
                 )
+                for k in retry:
+                    log.debug("window retry: %r looped in a fitted window", out[k][0].text)
                 for part in _chunks(retry, _per_call(30)):
                     self.window_retries += len(part)
                     started = time.monotonic()

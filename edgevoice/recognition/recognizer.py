@@ -88,6 +88,8 @@ class WhisperRecognizer:
             "max_lag_s": round(max((s.lag_s for s in streams), default=0.0), 3),
             "batches": self.scheduler.batches,
             "partials_skipped": self.scheduler.partials_skipped,
+            "full_windows": self.engine.full_windows,
+            "full_window_s": round(self.engine.full_window_s, 3),
             "window_retries": self.engine.window_retries,
             "errors": self.scheduler.errors,
         }

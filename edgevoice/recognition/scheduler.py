@@ -18,6 +18,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from edgevoice.config import AsrSettings
@@ -27,6 +28,10 @@ from edgevoice.recognition.stream import FinalJob, PartialJob, Stream
 
 log = logging.getLogger(__name__)
 
+FULL_SHARE = 0.4
+"""window = auto: most of the time finals in full windows may take at their recent rate."""
+RATE_WINDOW_S = 10.0
+"""The recent rate of finals is measured over this many seconds."""
 IDLE_CYCLE_S = 0.03
 """Shortest cycle when there is nothing to decode (audio arrives in small chunks; VAD them in bulk)."""
 STALL_S = 60.0
@@ -39,6 +44,8 @@ class _Item:
     job: FinalJob | PartialJob
     full: bool = False
     """Decode in Whisper's full 30 s window."""
+    retry: bool = False
+    """Decode a final again in the full window if it loops in a fitted one (else the loop is cut)."""
 
 
 class Scheduler:
@@ -54,7 +61,9 @@ class Scheduler:
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="edgevoice-asr", daemon=True)
         self._item_cost = 0.15  # EMA of seconds per decoded item, refined from measurements
-        self.last_cycle = time.monotonic()
+        self.last_cycle = self._started = time.monotonic()
+        self._final_times: deque[float] = deque()  # when recent finals were decoded (arrival rate)
+        self._retry_times: deque[float] = deque()  # when recent full-window retries ran
         self.batches = 0
         self.partials_skipped = 0
         self.errors = 0
@@ -165,9 +174,12 @@ class Scheduler:
             key=lambda x: (x[0], x[1]),
         )
         items = [_Item(s, job) for _, _, s, job in finals[:limit]]
-        n_full = self._full_finals(len(items))
-        for it in items[:n_full]:
-            it.full = True
+        spare = self.settings.window != "fit" and self._spare(len(finals))
+        n_full = self._full_finals(len(items), spare)
+        retry = self.settings.window != "fit" and self._retry_ok()
+        for k, it in enumerate(items):
+            it.full = k < n_full
+            it.retry = retry
         due = [s for s in streams if not s.finishing and s.partial_due(now)]
         if not due:
             return items
@@ -193,7 +205,7 @@ class Scheduler:
         for it in items:
             if isinstance(it.job, FinalJob):
                 requests.append(
-                    DecodeRequest(it.job.audio, it.stream.language, beam, retry=True, words=True, full=it.full)
+                    DecodeRequest(it.job.audio, it.stream.language, beam, retry=it.retry, words=True, full=it.full)
                 )
             else:
                 words = len(it.job.audio) >= it.stream.words_from
@@ -210,6 +222,7 @@ class Scheduler:
         n_final = sum(isinstance(it.job, FinalJob) for it in items)
         kind = "final" if n_final == len(items) else "partial" if n_final == 0 else "mixed"
         started = time.monotonic()
+        retries = self.engine.window_retries
         try:
             results = self.engine.decode(requests)
         except Exception:
@@ -232,23 +245,46 @@ class Scheduler:
             max(len(r.audio) for r in requests) / 16000,
             elapsed,
         )
+        done = time.monotonic()
+        self._retry_times.extend([done] * (self.engine.window_retries - retries))
         for it, res in zip(items, results, strict=True):
             if isinstance(it.job, FinalJob):
                 it.job.result = res
+                self._final_times.append(done)
         for it, res in zip(items, results, strict=True):
             if isinstance(it.job, PartialJob):
                 self._emit_ready(it.stream)  # finals of earlier segments go first
                 it.stream.apply_partial(it.job, res)
 
-    def _full_finals(self, finals: int) -> int:
+    def _spare(self, pending: int) -> bool:
+        """Whether full-window decodes fit: finals at their recent rate (plus those waiting now), each in
+        a full window, would take at most FULL_SHARE of the time. Otherwise they would starve partials
+        and then delay finals."""
+        cost = self.engine.full_window_s
+        if cost <= 0:
+            return False
+        now = time.monotonic()
+        while self._final_times and now - self._final_times[0] > RATE_WINDOW_S:
+            self._final_times.popleft()
+        span = min(RATE_WINDOW_S, max(1.0, now - self._started))
+        return (len(self._final_times) + pending) / span * cost <= FULL_SHARE
+
+    def _retry_ok(self) -> bool:
+        """Full-window retries of looping finals are rare; they are allowed while their own recent rate
+        keeps them under FULL_SHARE of the time (many streams looping at once get their loops cut)."""
+        now = time.monotonic()
+        while self._retry_times and now - self._retry_times[0] > RATE_WINDOW_S:
+            self._retry_times.popleft()
+        return len(self._retry_times) / RATE_WINDOW_S * self.engine.full_window_s <= FULL_SHARE
+
+    def _full_finals(self, finals: int, spare: bool) -> int:
         """How many of this batch's finals (oldest first) get Whisper's full 30 s window."""
         window = self.settings.window
         if window != "auto":
             return finals if window == "full" else 0
-        cost = self.engine.full_window_s
-        if cost <= 0:
+        if not finals or not spare:
             return 0
-        return min(finals, int(self.settings.final_budget_s / cost))
+        return min(finals, int(self.settings.final_budget_s / self.engine.full_window_s))
 
     def _emit_ready(self, s: Stream) -> None:
         """Emit the stream's leading finals whose text is known, in order."""

@@ -136,12 +136,20 @@ class EmbeddingDiarizer:
     name = "embedding"
 
     def __init__(self, encoder: Any, make_vad: Any, settings: DiarizationSettings, metrics: Metrics) -> None:
+        import librosa
         import torch
-        from resemblyzer import normalize_volume, wav_to_mel_spectrogram
+        from resemblyzer import hparams, normalize_volume
 
         self._torch = torch
-        self._mel = wav_to_mel_spectrogram
         self._normalize = normalize_volume
+        # resemblyzer's wav_to_mel_spectrogram, computed with torch: librosa's numpy/OpenBLAS path
+        # spins extra threads that were measured to burn 5x the CPU on a loaded box.
+        self._n_fft = hparams.sampling_rate * hparams.mel_window_length // 1000
+        self._hop = hparams.sampling_rate * hparams.mel_window_step // 1000
+        self._window = torch.hann_window(self._n_fft, periodic=True)
+        self._mel_basis = torch.from_numpy(
+            librosa.filters.mel(sr=hparams.sampling_rate, n_fft=self._n_fft, n_mels=hparams.mel_n_channels)
+        ).float()
         self.encoder = encoder
         self.make_vad = make_vad
         self.slots = settings.max_speakers
@@ -214,9 +222,9 @@ class EmbeddingDiarizer:
         first, window = region.tail(int(WINDOW_S * SAMPLE_RATE))
         length_s = len(window) / SAMPLE_RATE
         wav = self._normalize(window.astype(np.float32), -30, increase_only=True)
-        mel = self._mel(wav)
-        with self._torch.inference_mode():
-            embedding = self.encoder(self._torch.from_numpy(mel[None]).to(self.encoder.device))[0].cpu().numpy()
+        embedding = self._embedding(np.asarray(wav, dtype=np.float32))
+        if not np.isfinite(embedding).all():  # an all-zero encoder output cannot be normalised
+            return
         speaker, weight = self._assign(s, embedding, length_s)
         if speaker is None:
             return
@@ -225,6 +233,22 @@ class EmbeddingDiarizer:
         votes = np.zeros((hi - lo, self.slots), dtype=np.float32)
         votes[:, speaker] = weight
         s.timeline.write(lo, votes, add=True)
+
+    def _embedding(self, wav: np.ndarray) -> np.ndarray:
+        """resemblyzer's utterance embedding of ``wav`` (its mel spectrogram, then the voice encoder)."""
+        torch = self._torch
+        with torch.inference_mode():
+            spec = torch.stft(
+                torch.from_numpy(wav),
+                n_fft=self._n_fft,
+                hop_length=self._hop,
+                window=self._window,
+                center=True,
+                pad_mode="constant",
+                return_complex=True,
+            )
+            mel = (self._mel_basis @ spec.abs().pow(2)).T
+            return self.encoder(mel[None].to(self.encoder.device))[0].cpu().numpy()
 
     def _assign(self, s: EmbeddingStream, e: np.ndarray, length_s: float) -> tuple[int | None, float]:
         """Online clustering: (speaker index, vote weight) for one window's embedding."""

@@ -38,7 +38,9 @@ class StreamAudio:
         """Samples skipped because the worker lagged more than ``max_samples``."""
 
     def push(self, audio: np.ndarray) -> None:
-        block = np.array(audio, dtype=np.float32, copy=True).reshape(-1)
+        block = np.array(audio, dtype=np.float32, copy=True)
+        if block.ndim != 1:
+            raise ValueError(f"diarization takes mono 16 kHz audio (1-D), got shape {block.shape}")
         if not len(block):
             return
         with self._lock:
