@@ -149,7 +149,7 @@ class AsrSettings(_Section):
     """Text prompt for the decoder. Off by default: prompting with keywords was measured to invent them."""
     window: Literal["auto", "fit", "full"] = "auto"
     """Encoder window: full is Whisper's 30 s (most accurate); fit only the audio (+1 s, 5-25x cheaper); auto: finals full while that costs under final_budget_s per batch, else fit; partials always fit."""
-    final_budget_s: float = Field(0.6, ge=0, le=10)
+    final_budget_s: float = Field(1.0, ge=0, le=10)
     """window = auto: compute a batch of finals may spend in full windows (0: always fit)."""
     max_backlog_s: float = Field(60.0, ge=5, le=600)
     """Audio one stream may have waiting for recognition; beyond it the oldest is dropped, counted and logged."""
