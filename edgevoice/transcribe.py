@@ -13,7 +13,6 @@ import asyncio
 import json
 import sys
 import time
-import wave
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +31,11 @@ class AudioFileError(Exception):
 
 
 def read_audio(path: Path) -> np.ndarray:
-    """Mono float32 at 16 kHz from a WAV file (PCM 8/16/24/32-bit or float; any rate and channel count)."""
-    try:
-        import soundfile
+    """Mono float32 at 16 kHz from an audio file libsndfile reads (WAV, FLAC, OGG; any rate and channels)."""
+    import soundfile
 
+    try:
         data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
-    except ImportError:  # pragma: no cover - soundfile is a faster-whisper dependency
-        data, rate = _read_wave(path)
     except Exception as exc:
         raise AudioFileError(f"{path}: cannot read audio ({exc})") from None
     mono = data.mean(axis=1).astype(np.float32)
@@ -47,14 +44,6 @@ def read_audio(path: Path) -> np.ndarray:
 
         mono = soxr.resample(mono, rate, SAMPLE_RATE).astype(np.float32)
     return mono
-
-
-def _read_wave(path: Path) -> tuple[np.ndarray, int]:  # pragma: no cover
-    with wave.open(str(path), "rb") as w:
-        if w.getsampwidth() != 2:
-            raise AudioFileError(f"{path}: only 16-bit PCM WAV is supported without soundfile")
-        raw = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float32) / 32768.0
-        return raw.reshape(-1, w.getnchannels()), w.getframerate()
 
 
 async def transcribe_audio(

@@ -287,6 +287,7 @@ def test_repetition_cut() -> None:
     assert repetition_cut([5, 7, 7, 7]) is None  # "no, no, no" is speech
     assert repetition_cut([5, 7, 7, 7, 7, 7]) == [5, 7]
     assert looks_looped([5, 7, 7, 7]) and not looks_looped([5, 7, 7, 8])
+    assert looks_looped([5, 7, 8, 7, 8]) and not looks_looped([5, 7, 8, 7, 9])
 
 
 async def test_initial_prompt_adds_no_false_keyword_hits() -> None:

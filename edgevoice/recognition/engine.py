@@ -156,7 +156,7 @@ def _is_loop(period: int, copies: int) -> bool:
 
 
 def _is_suspect(period: int, copies: int) -> bool:
-    return copies >= (2 if period >= 3 else 3)
+    return copies >= (2 if period >= 2 else 3)
 
 
 def repetition_cut(tokens: list[int]) -> list[int] | None:
@@ -170,7 +170,8 @@ def repetition_cut(tokens: list[int]) -> list[int] | None:
 
 
 def looks_looped(tokens: list[int]) -> bool:
-    """A loop, or a short phrase said three times in a row: worth a second decode in the full window."""
+    """A loop, a phrase of 2+ tokens said twice in a row or a token three times: worth a second decode
+    in the full window (Whisper repeats itself in short windows: "Xin thôi thôi mỗi")."""
     return _tandem(tokens, _is_suspect) is not None
 
 
@@ -245,7 +246,11 @@ class Engine:
     def warm_up(self) -> None:
         """One full-window decode of silence: first-call set-up cost paid at start-up, and its cost measured."""
         language = "en" if not self.info.multilingual else (self.settings.language or "en")
-        self.decode([DecodeRequest(np.zeros(SAMPLE_RATE, dtype=np.float32), language, full=True, words=True)])
+        request = DecodeRequest(np.zeros(SAMPLE_RATE, dtype=np.float32), language, full=True, words=True)
+        self.decode([request])  # the first call pays one-off set-up costs
+        self.full_window_s = 0.0
+        self.full_windows = 0
+        self.decode([request])
 
     # -- language ---------------------------------------------------------------------------------
 
@@ -276,8 +281,13 @@ class Engine:
 
     # -- decode -----------------------------------------------------------------------------------
 
-    def decode(self, requests: list[DecodeRequest]) -> list[Decoded]:
-        """Decode every request, batched; results in request order."""
+    def decode(self, requests: list[DecodeRequest], max_retries: int | None = None) -> list[Decoded]:
+        """Decode every request, batched; results in request order.
+
+        At most ``max_retries`` looping items (in request order) are decoded again in the full
+        window; the loops of the others are cut.
+        """
+        retries_left = len(requests) if max_retries is None else max_retries
         results: list[Decoded | None] = [None] * len(requests)
         groups: dict[tuple[str | None, int, bool, int], list[int]] = {}
         for i, r in enumerate(requests):
@@ -296,6 +306,8 @@ class Engine:
                 retry = (
                     [k for k, (_, looped) in enumerate(out) if looped and requests[idx[k]].retry] if not full else []
                 )
+                retry = retry[: max(0, retries_left)]
+                retries_left -= len(retry)
                 for k in retry:
                     log.debug("window retry: %r looped in a fitted window", out[k][0].text)
                 for part in _chunks(retry, _per_call(30)):

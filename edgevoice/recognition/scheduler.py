@@ -5,7 +5,8 @@ Each cycle, in ONE dedicated thread (CTranslate2 releases the GIL while it compu
 1. every stream's queued audio goes through Silero VAD and endpointing (cheap:
    about 2.5 ms per second of audio);
 2. a batch is planned: finals first, oldest first across all streams (no stream
-   starves, at most ``asr.max_batch`` decodes); then partials, the longest-waiting
+   starves, at most ``asr.max_batch`` decodes), then the early finals of
+   utterances whose endpoint is being awaited; then partials, the longest-waiting
    first, only as many as fit in a time budget of ``asr.partial_interval_s``
    estimated from the measured cost per item. Under load partials are therefore
    skipped (counted in ``edgevoice_partials_skipped``) before finals wait;
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 
 FULL_SHARE = 0.4
 """window = auto: most of the time finals in full windows may take at their recent rate."""
+RETRY_SHARE = 0.1
+"""Most of the time full-window retries of looping finals may take."""
 RATE_WINDOW_S = 10.0
 """The recent rate of finals is measured over this many seconds."""
 IDLE_CYCLE_S = 0.03
@@ -44,8 +47,6 @@ class _Item:
     job: FinalJob | PartialJob
     full: bool = False
     """Decode in Whisper's full 30 s window."""
-    retry: bool = False
-    """Decode a final again in the full window if it loops in a fitted one (else the loop is cut)."""
 
 
 class Scheduler:
@@ -61,7 +62,7 @@ class Scheduler:
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="edgevoice-asr", daemon=True)
         self._item_cost = 0.15  # EMA of seconds per decoded item, refined from measurements
-        self.last_cycle = self._started = time.monotonic()
+        self.last_cycle = time.monotonic()
         self._final_times: deque[float] = deque()  # when recent finals were decoded (arrival rate)
         self._retry_times: deque[float] = deque()  # when recent full-window retries ran
         self.batches = 0
@@ -173,13 +174,17 @@ class Scheduler:
             ((job.ready, i, s, job) for i, s in enumerate(streams) for job in s.finals if job.result is None),
             key=lambda x: (x[0], x[1]),
         )
+        # Then the finals of utterances whose endpoint is being awaited (decoded during the wait).
+        finals += sorted(
+            ((s.tentative.ready, i, s, s.tentative) for i, s in enumerate(streams) if s.tentative is not None),
+            key=lambda x: (x[0], x[1]),
+        )
+        finals = [f for f in finals if f[3].result is None]
         items = [_Item(s, job) for _, _, s, job in finals[:limit]]
         spare = self.settings.window != "fit" and self._spare(len(finals))
         n_full = self._full_finals(len(items), spare)
-        retry = self.settings.window != "fit" and self._retry_ok()
         for k, it in enumerate(items):
             it.full = k < n_full
-            it.retry = retry
         due = [s for s in streams if not s.finishing and s.partial_due(now)]
         if not due:
             return items
@@ -205,7 +210,7 @@ class Scheduler:
         for it in items:
             if isinstance(it.job, FinalJob):
                 requests.append(
-                    DecodeRequest(it.job.audio, it.stream.language, beam, retry=it.retry, words=True, full=it.full)
+                    DecodeRequest(it.job.audio, it.stream.language, beam, retry=True, words=True, full=it.full)
                 )
             else:
                 words = len(it.job.audio) >= it.stream.words_from
@@ -224,7 +229,7 @@ class Scheduler:
         started = time.monotonic()
         retries = self.engine.window_retries
         try:
-            results = self.engine.decode(requests)
+            results = self.engine.decode(requests, max_retries=self._retries_allowed())
         except Exception:
             self.errors += 1
             log.exception("decode of %d window(s) failed; their finals are dropped", len(items))
@@ -266,16 +271,18 @@ class Scheduler:
         now = time.monotonic()
         while self._final_times and now - self._final_times[0] > RATE_WINDOW_S:
             self._final_times.popleft()
-        span = min(RATE_WINDOW_S, max(1.0, now - self._started))
-        return (len(self._final_times) + pending) / span * cost <= FULL_SHARE
+        return (len(self._final_times) + pending) / RATE_WINDOW_S * cost <= FULL_SHARE
 
-    def _retry_ok(self) -> bool:
-        """Full-window retries of looping finals are rare; they are allowed while their own recent rate
-        keeps them under FULL_SHARE of the time (many streams looping at once get their loops cut)."""
+    def _retries_allowed(self) -> int:
+        """Full-window retries of looping finals are rare; they may take RETRY_SHARE of the time over
+        the last RATE_WINDOW_S (many streams looping at once get their loops cut instead)."""
+        if self.settings.window == "fit":
+            return 0
         now = time.monotonic()
         while self._retry_times and now - self._retry_times[0] > RATE_WINDOW_S:
             self._retry_times.popleft()
-        return len(self._retry_times) / RATE_WINDOW_S * self.engine.full_window_s <= FULL_SHARE
+        budget = RETRY_SHARE * RATE_WINDOW_S / max(self.engine.full_window_s, 1e-3)
+        return max(0, int(budget) - len(self._retry_times))
 
     def _full_finals(self, finals: int, spare: bool) -> int:
         """How many of this batch's finals (oldest first) get Whisper's full 30 s window."""

@@ -140,6 +140,10 @@ class Stream:
         self._next_segment = 0
         self._last_speech_wall = 0.0
         self._partial_len = 0  # buffer length at the last partial request
+        self._speech_len = 0  # buffer length at the last speech window
+        self.tentative: FinalJob | None = None
+        """The final this utterance will have if the silence that began goes on to the endpoint: decoded
+        while the endpoint is awaited, emitted at once when it is confirmed (dropped if speech resumes)."""
         self.partial_due_since: float | None = None
         self._partial_covered = 0  # stream sample up to which the current piece has a partial
         self._partial_text: dict[int, str] = {}
@@ -276,10 +280,16 @@ class Stream:
                 self._append(window, float(prob))
                 self._new_segment()
                 self._last_speech_wall = wall
+                self._speech_len = self._len
             else:
                 self._append(window, float(prob))
                 if prob >= ep.config.threshold:
                     self._last_speech_wall = wall
+                    self._speech_len = self._len
+                if ep.silence_run == 0:
+                    self.tentative = None  # still speaking
+                elif ep.silence_run == ep.config.pad_windows and state != Endpointer.END:
+                    self._speculate()
                 if state == Endpointer.END:
                     keep = (ep.silence_run - ep.config.pad_windows) * WINDOW
                     tail = self._tail_windows(ep.config.pad_windows)
@@ -302,6 +312,7 @@ class Stream:
         ]
 
     def _new_segment(self) -> None:
+        self.tentative = None
         self._segment = self._next_segment
         self._next_segment += 1
         self._partial_len = 0
@@ -309,10 +320,27 @@ class Stream:
         self._hyp = None
         self._partial_covered = self._utt_start
 
+    def _speculate(self) -> None:
+        """Speech may have ended: its final's audio (speech + pad) is known now; decode it early."""
+        ep = self._ep
+        if ep.speech_windows >= ep.config.min_speech_windows:
+            self.tentative = FinalJob(
+                self._segment, self._utt_start, self._buf[: self._len].copy(), self._last_speech_wall, time.monotonic()
+            )
+
     def _end_utterance(self, end: int, *, forced: bool) -> None:
         """Queue the current utterance for its final decode (or drop a blip)."""
         ep = self._ep
-        if ep.speech_windows >= ep.config.min_speech_windows and end > 0:
+        tentative, self.tentative = self.tentative, None
+        if (
+            not forced
+            and tentative is not None
+            and tentative.segment == self._segment
+            and tentative.start == self._utt_start
+            and len(tentative.audio) == end
+        ):
+            self.finals.append(tentative)  # already decoded, or decoded as a final now
+        elif ep.speech_windows >= ep.config.min_speech_windows and end > 0:
             self.finals.append(
                 FinalJob(
                     self._segment,
@@ -341,6 +369,7 @@ class Stream:
         )
         self._utt_start += self._len
         self._len = 0
+        self._speech_len = 0
         self._new_segment()
         ep.speech_windows = 0
 
@@ -368,6 +397,7 @@ class Stream:
             and ep.in_speech
             and ep.speech_windows >= ep.config.min_speech_windows
             and self._len - self._partial_len >= interval
+            and self._speech_len > self._partial_len  # nothing new to hear in trailing silence
         )
         if not due:
             self.partial_due_since = None
@@ -424,6 +454,7 @@ class Stream:
         self._buf[:remaining] = self._buf[cut : self._len]
         self._probs[: remaining // WINDOW] = self._probs[cut // WINDOW : self._len // WINDOW]
         self._len = remaining
+        self._speech_len = max(0, self._speech_len - cut)
         self._utt_start += cut
         self._new_segment()
         self._ep.speech_windows = max(self._ep.speech_windows, self._ep.config.min_speech_windows)
