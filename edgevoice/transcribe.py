@@ -26,6 +26,15 @@ MAX_AHEAD_S = 5.0
 """Audio fed ahead of what the recognizer has taken (keeps the stream's backlog far from its limit)."""
 
 
+LABELLED_AHEAD_S = 1.2
+DIARIZER_AHEAD_S = 0.5
+
+
+def _diarizer_lag(stream: object) -> float:
+    diarizer = getattr(stream, "diarizer", None)
+    return float(getattr(diarizer, "lag_s", 0.0)) if diarizer is not None else 0.0
+
+
 class AudioFileError(Exception):
     """The input file cannot be read as audio."""
 
@@ -66,9 +75,13 @@ async def transcribe_audio(
             stream_id, language=language, on_transcript=lambda t: finals.append(t) if t.final and t.text else None
         )
         chunk = int(CHUNK_S * SAMPLE_RATE)
+        # With speaker labels, feed no faster than diarization keeps up: a final is labelled
+        # with what the diarizer knows when it is emitted, as in the daemon at real time.
+        labelled = settings.diarization.backend != "none"
+        max_ahead = LABELLED_AHEAD_S if labelled else MAX_AHEAD_S
         for i in range(0, len(audio), chunk):
             stream.feed(audio[i : i + chunk])
-            while stream.lag_s > MAX_AHEAD_S:
+            while stream.lag_s > max_ahead or (labelled and _diarizer_lag(stream) > DIARIZER_AHEAD_S):
                 if not recognizer.alive:
                     raise RuntimeError("the recognizer stopped; see the log")
                 await asyncio.sleep(0.01)
@@ -122,11 +135,12 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
         print(f"edgevoice: {exc}", file=sys.stderr)
         return 2
     from edgevoice.models import ModelError
+    from edgevoice.recognition.diarization import DiarizationError
     from edgevoice.recognition.engine import EngineError
 
     try:
         finals, facts = asyncio.run(transcribe_audio(audio, settings, language=args.language))
-    except (ValueError, ModelError, EngineError) as exc:
+    except (ValueError, ModelError, EngineError, DiarizationError) as exc:
         print(f"edgevoice: {exc}", file=sys.stderr)
         return 2
     events = keyword_events(finals, settings)

@@ -92,8 +92,10 @@ class Scheduler:
 
     def add(self, stream: Stream) -> None:
         with self._lock:
-            if stream.stream_id in self._streams:
+            old = self._streams.get(stream.stream_id)
+            if old is not None and not old.closed:
                 raise ValueError(f"stream {stream.stream_id!r} is already open")
+            # A closed stream not yet reaped by the thread gives its id to the new one.
             self._streams[stream.stream_id] = stream
         self._wake.set()
 

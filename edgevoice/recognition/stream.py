@@ -258,6 +258,8 @@ class Stream:
         self._vad = StreamingVad()
         self._clock += n + lost
         self._preroll.clear()
+        if self.diarizer is not None:
+            self.diarizer.skip(n)  # keep speaker times aligned with the stream clock
         self._drop(n / SAMPLE_RATE, on_drop)
 
     def _drop(self, seconds: float, on_drop: object) -> None:
