@@ -43,7 +43,9 @@ def main() -> None:
             cold.append(time_to_ready(state, root / "a"))
             warm.append(time_to_ready(state, root / "b"))
         print(f"run {i + 1}: cold {cold[-1]:.2f} s, warm {warm[-1]:.2f} s", flush=True)
-    print(f"median to READY: cold {statistics.median(cold):.2f} s, warm {statistics.median(warm):.2f} s (max {max(cold + warm):.2f} s)")
+    print(
+        f"median to READY: cold {statistics.median(cold):.2f} s, warm {statistics.median(warm):.2f} s (max {max(cold + warm):.2f} s)"
+    )
 
 
 if __name__ == "__main__":

@@ -225,7 +225,9 @@ class EventsSettings(_Section):
         from urllib.parse import urlsplit
 
         if v is not None and (urlsplit(v).scheme not in ("http", "https") or not urlsplit(v).hostname):
-            raise ValueError("must be an http:// or https:// URL with a host, e.g. http://experience-api.lan:4000/api/v1/experience-event")
+            raise ValueError(
+                "must be an http:// or https:// URL with a host, e.g. http://experience-api.lan:4000/api/v1/experience-event"
+            )
         return v
 
 
