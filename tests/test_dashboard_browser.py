@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import wave
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -17,21 +16,12 @@ import numpy as np
 import pytest
 
 from edgevoice.sources.multicam_client import MulticamClient
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
 from tests.support.daemon import Daemon
 from tests.support.receiver import Receiver
 from tests.support.speech import have_espeak, silence, synth
 from tests.test_metrics import daemon_env
 
-CHROMIUM = os.environ.get("EDGEVOICE_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 TOKEN = "dashboard-e2e-token"
 SESSION = "restaurant_table_05_evening"

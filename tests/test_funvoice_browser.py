@@ -6,27 +6,17 @@ Chromium is Debian's ``/usr/bin/chromium`` driven by Playwright (never ``playwri
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.support.browser import CHROMIUM, FAKE_MEDIA_ARGS
+from tests.support.browser import CHROMIUM_ARGS as _BASE_ARGS
 from tests.support.daemon import Daemon
 from tests.support.fake_live import FakeLive
 
-CHROMIUM = os.environ.get("EDGEVOICE_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--use-fake-ui-for-media-stream",
-    "--use-fake-device-for-media-stream",
-]
+CHROMIUM_ARGS = [*_BASE_ARGS, *FAKE_MEDIA_ARGS]
 TOKEN = "voice-page-token"
 
 pytestmark = [
