@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import socket
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -41,23 +40,16 @@ def check_state_dir(s: Settings) -> list[Check]:
 
 
 def check_model(s: Settings) -> list[Check]:
+    """Load the model exactly as the daemon does (same device and compute-type choice, warm-up decode)."""
+    from edgevoice.recognition.engine import Engine, EngineError
+
     models_dir = models.default_models_dir(s.state.path(), s.asr.models_dir)
     try:
-        path = models.resolve(s.asr.model, models_dir)
-    except (models.ModelError, OSError) as exc:
+        info = Engine.load(s.asr, models_dir).info
+    except (models.ModelError, EngineError, OSError) as exc:
         return [Check("asr model", "FAIL", str(exc))]
-    try:
-        from faster_whisper import WhisperModel
-
-        t0 = time.monotonic()
-        WhisperModel(
-            str(path),
-            device="cpu" if s.asr.device == "auto" else s.asr.device,
-            compute_type="int8" if s.asr.compute_type == "auto" else s.asr.compute_type,
-        )
-        return [Check("asr model", "OK", f"{s.asr.model}: {path} loads in {time.monotonic() - t0:.2f} s")]
-    except Exception as exc:
-        return [Check("asr model", "FAIL", f"{s.asr.model}: {path} does not load: {exc}")]
+    detail = f"{s.asr.model}: {info.path} loads in {info.load_s:.2f} s ({info.device}, {info.compute_type})"
+    return [Check("asr model", "OK", detail)]
 
 
 def check_cuda(s: Settings) -> list[Check]:
