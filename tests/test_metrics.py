@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -155,7 +157,13 @@ async def test_counters_move_as_speech_flows(daemon_factory: Callable[..., Daemo
             assert ("edgevoice_recognition_lag_seconds", (("stream_id", stream),)) in speaking
             full = await client.stop(stream)
         await receiver.until_accepted(2, timeout=30)
+        # The receiver has the POST before the daemon has committed the event's deletion:
+        # give the spool's writer thread a moment before reading the depth.
+        deadline = time.monotonic() + 10
         after = await scrape(http, daemon)
+        while value(after, "edgevoice_spool_depth") != 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            after = await scrape(http, daemon)
 
     def delta(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
