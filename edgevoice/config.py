@@ -20,6 +20,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from edgevoice.errors import IDENTIFIER_PATTERN as IDENTIFIER_PATTERN  # re-exported for funvoice/routes.py
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Jetson ships Python 3.10
@@ -27,7 +29,6 @@ else:  # pragma: no cover - Jetson ships Python 3.10
 
 ENV_PREFIX = "EDGEVOICE_"
 DEFAULT_CONFIG_PATH = Path("/etc/edgevoice/edgevoice.toml")
-IDENTIFIER_PATTERN = r"^[A-Za-z0-9_.:@-]{1,128}$"
 
 
 class ConfigError(Exception):

@@ -13,6 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
+from edgevoice.broadcast import Broadcast
 from edgevoice.config import EventsSettings
 from edgevoice.delivery import store
 from edgevoice.delivery.api import EVENT_QUEUE, DeliveryState, DeliveryUpdate, SpoolFull
@@ -49,7 +50,7 @@ class DeliveryService:
         self.metrics = metrics
         self.spool = Spool(store.spool_path(state_dir), settings, min_free_mb=min_free_mb, listener=self)
         self.sender = Sender(settings, self.spool, notify=self._notify, metrics=metrics)
-        self._subscribers: list[Callable[[DeliveryUpdate], None]] = []
+        self._updates = Broadcast[DeliveryUpdate](log, "delivery subscriber")
         self._task: asyncio.Task[None] | None = None
         self._started = False
 
@@ -118,20 +119,10 @@ class DeliveryService:
         return event_id
 
     def subscribe(self, callback: Callable[[DeliveryUpdate], None]) -> Callable[[], None]:
-        self._subscribers.append(callback)
-
-        def unsubscribe() -> None:
-            with contextlib.suppress(ValueError):
-                self._subscribers.remove(callback)
-
-        return unsubscribe
+        return self._updates.subscribe(callback)
 
     def _notify(self, update: DeliveryUpdate) -> None:
-        for cb in list(self._subscribers):
-            try:
-                cb(update)
-            except Exception:
-                log.exception("delivery subscriber failed")
+        self._updates.publish(update)
 
     # -- SpoolListener ---------------------------------------------------------
 

@@ -1,10 +1,12 @@
-"""The stream hub: every audio source opens its streams here.
+"""The stream hub: every audio source opens its streams here, and the hub routes what they say.
 
-It opens a recognition stream per audio stream, routes transcripts to the
-customer's session, fires keyword events at most once per customer session and
-``SESSION_END`` when the customer's last stream ends, hands events to the
-delivery queue in the order they fired, logs as the seed did and feeds a live
-copy of everything to subscribers (the dashboard).
+Runs on the event loop, never blocks. It opens a recognition stream per audio
+stream, routes transcripts to the customer's session, fires keyword events at
+most once per customer session and ``SESSION_END`` when the customer's last
+stream ends, logs as the seed did, and hands the events to an
+:class:`~edgevoice.events.submission.EventSubmitter` (ordered per customer) and
+a live copy of everything to a :class:`~edgevoice.broadcast.Broadcast` of
+subscribers (the dashboard). Bounded by ``server.max_streams``.
 """
 
 from __future__ import annotations
@@ -13,19 +15,23 @@ import asyncio
 import contextlib
 import logging
 import math
-import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import numpy as np
 from aiohttp import web
+from prometheus_client import Counter
 
-from edgevoice.config import KeywordSettings, Settings, load_settings
-from edgevoice.delivery.api import EVENT_QUEUE, DeliveryUpdate, EventQueue, SpoolFull
+from edgevoice.broadcast import Broadcast
+from edgevoice.config import KeywordSettings, Settings
+from edgevoice.delivery.api import EVENT_QUEUE, DeliveryUpdate, EventQueue
+from edgevoice.errors import CodedError, RecognizerError
 from edgevoice.events.keywords import KeywordMatcher
 from edgevoice.events.sessions import CustomerSession, SessionRegistry
+from edgevoice.events.submission import EventSubmitter
 from edgevoice.metrics import METRICS, Metrics
+from edgevoice.recognition import RECOGNIZER
 from edgevoice.recognition.types import SAMPLE_RATE, RecognitionStream, Recognizer, Transcript
 from edgevoice.server.keys import HEALTH_SECTIONS, SETTINGS
 
@@ -40,13 +46,8 @@ Subscriber = Callable[[Message], None]
 SILENCE_DBFS = -100.0
 
 
-class StreamError(Exception):
+class StreamError(CodedError):
     """A stream cannot be opened or changed; ``code`` is the /asr-multicam error code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 def _dbfs(audio: np.ndarray) -> float:
@@ -61,13 +62,14 @@ class HubStream:
 
     def __init__(
         self,
-        hub: StreamHub,
         stream_id: str,
         source: str,
         language: str | None,
         listener: StreamListener | None,
+        *,
+        audio_seconds: Counter,
+        on_stop: Callable[[HubStream], Awaitable[str]],
     ) -> None:
-        self.hub = hub
         self.stream_id = stream_id
         self.source = source
         self.language = language
@@ -79,8 +81,10 @@ class HubStream:
         self.audio_s = 0.0
         self.started = time.time()
         self.stopping = False
+        self._audio_seconds = audio_seconds
+        self._on_stop = on_stop
         self._partial_hits: tuple[int, frozenset[str]] = (-1, frozenset())
-        self._stop_task: asyncio.Task[str] | None = None
+        self._stop_task: asyncio.Future[str] | None = None
 
     @property
     def session_id(self) -> str | None:
@@ -99,6 +103,10 @@ class HubStream:
         """Every final text of this stream so far."""
         return " ".join(self.parts)
 
+    def ids(self) -> Message:
+        """The stream's customer ids (None when no customer is bound) for hub messages."""
+        return {"session_id": self.session_id, "customer_id": self.customer_id}
+
     def feed(self, audio: np.ndarray) -> None:
         """Append 16 kHz mono float32 samples (cheap; on the loop). Ignored once the stream is stopping."""
         if self.stopping or self.recognition is None or audio.size == 0:
@@ -106,14 +114,20 @@ class HubStream:
         self.level = _dbfs(audio)
         seconds = audio.size / SAMPLE_RATE
         self.audio_s += seconds
-        self.hub.metrics.audio_seconds.labels(self.source).inc(seconds)
+        self._audio_seconds.inc(seconds)
         self.recognition.feed(audio)
+
+    def stable_partial_events(self, segment: int, events: Sequence[str]) -> list[str]:
+        """The events of a partial already heard in the previous partial of the same segment (stable enough)."""
+        seen_segment, seen = self._partial_hits
+        self._partial_hits = (segment, frozenset(events))
+        return [e for e in events if seen_segment == segment and e in seen]
 
     async def stop(self) -> str:
         """Flush recognition, end the customer's stream (SESSION_END if it was the last) and return the transcript."""
         if self._stop_task is None:
             self.stopping = True
-            self._stop_task = asyncio.ensure_future(self.hub._stop(self))
+            self._stop_task = asyncio.ensure_future(self._on_stop(self))
         return await asyncio.shield(self._stop_task)
 
     def info(self) -> Message:
@@ -142,14 +156,12 @@ class StreamHub:
     ) -> None:
         self.settings = settings
         self.recognizer = recognizer
-        self.event_queue = event_queue
         self.metrics = metrics
         self.matcher = KeywordMatcher(settings.keywords)
         self.sessions = SessionRegistry()
+        self.events = EventSubmitter(event_queue)
+        self.subscribers = Broadcast[Message](log, "hub subscriber")
         self._streams: dict[str, HubStream] = {}
-        self._subscribers: list[Subscriber] = []
-        self._chains: dict[tuple[str, str], asyncio.Future[None]] = {}
-        self._pending: set[asyncio.Task[None]] = set()
 
     # -- streams ------------------------------------------------------------
 
@@ -171,24 +183,27 @@ class StreamHub:
             raise StreamError("too_many_streams", f"server.max_streams ({limit}) streams are already open")
         if (session_id is None) != (customer_id is None):
             raise StreamError("missing_field", "session_id and customer_id go together")
-        stream = HubStream(self, stream_id, source, language, listener)
+        stream = HubStream(
+            stream_id,
+            source,
+            language,
+            listener,
+            audio_seconds=self.metrics.audio_seconds.labels(source),
+            on_stop=self._stop,
+        )
         try:
             stream.recognition = self.recognizer.open_stream(
                 stream_id, language=language, on_transcript=lambda t: self._on_transcript(stream, t)
             )
-        except ValueError as exc:  # the recognizer refuses the language, the id, or still holds the id
-            text = str(exc)
-            code = (
-                "bad_language" if "language" in text else "duplicate_stream" if "already" in text else "bad_identifier"
-            )
-            raise StreamError(code, text) from None
+        except RecognizerError as exc:  # a bad id or language, or the recognizer still holds the id
+            raise StreamError(exc.code, exc.message) from None
         self._streams[stream_id] = stream
         self.metrics.streams.labels(source).inc()
         if session_id is not None and customer_id is not None:
-            stream.customer = self.sessions.attach(session_id, customer_id, stream_id)
-            log.info("Audio stream started - Session: %s, Customer: %s", session_id, customer_id)
+            self._attach(stream, session_id, customer_id)
+        else:
+            self._publish(stream, {"type": "stream_started", "stream_id": stream_id, **stream.ids()})
         log.debug("stream %s opened (%s)", stream_id, source)
-        self._publish(stream, {"type": "stream_started", "stream_id": stream_id, **self._ids(stream)})
         return stream
 
     def get(self, stream_id: str) -> HubStream | None:
@@ -207,9 +222,12 @@ class StreamHub:
             if stream.customer.key == (session_id, customer_id):
                 return
             raise StreamError("stream_bound", f"stream_id {stream_id!r} already belongs to {stream.customer_id!r}")
-        stream.customer = self.sessions.attach(session_id, customer_id, stream_id)
+        self._attach(stream, session_id, customer_id)
+
+    def _attach(self, stream: HubStream, session_id: str, customer_id: str) -> None:
+        stream.customer = self.sessions.attach(session_id, customer_id, stream.stream_id)
         log.info("Audio stream started - Session: %s, Customer: %s", session_id, customer_id)
-        self._publish(stream, {"type": "stream_started", "stream_id": stream_id, **self._ids(stream)})
+        self._publish(stream, {"type": "stream_started", "stream_id": stream.stream_id, **stream.ids()})
 
     async def unbind(self, stream_id: str) -> None:
         """End the customer's use of an open stream, like a stop (the stream stays open)."""
@@ -217,16 +235,7 @@ class StreamHub:
         if stream is None or stream.customer is None:
             return
         customer, stream.customer = stream.customer, None
-        self._publish(
-            stream,
-            {
-                "type": "stream_stopped",
-                "stream_id": stream_id,
-                "session_id": customer.session_id,
-                "customer_id": customer.customer_id,
-                "full_transcript": customer.transcript,
-            },
-        )
+        self._publish_stopped(stream, customer, customer.transcript)
         self._detach(customer, stream_id)
 
     async def _stop(self, stream: HubStream) -> str:
@@ -243,22 +252,24 @@ class StreamHub:
             self.metrics.streams.labels(stream.source).dec()
             with contextlib.suppress(KeyError):
                 self.metrics.recognition_lag.remove(stream.stream_id)
-            customer = stream.customer
-            stream.customer = None
-            self._publish(
-                stream,
-                {
-                    "type": "stream_stopped",
-                    "stream_id": stream.stream_id,
-                    "session_id": customer.session_id if customer else None,
-                    "customer_id": customer.customer_id if customer else None,
-                    "full_transcript": stream.transcript,
-                },
-            )
+            customer, stream.customer = stream.customer, None
+            self._publish_stopped(stream, customer, stream.transcript)
             if customer is not None:
                 log.info("Audio stream stop - Session: %s, Customer: %s", customer.session_id, customer.customer_id)
                 self._detach(customer, stream.stream_id)
         return stream.transcript
+
+    def _publish_stopped(self, stream: HubStream, customer: CustomerSession | None, transcript: str) -> None:
+        self._publish(
+            stream,
+            {
+                "type": "stream_stopped",
+                "stream_id": stream.stream_id,
+                "session_id": customer.session_id if customer else None,
+                "customer_id": customer.customer_id if customer else None,
+                "full_transcript": transcript,
+            },
+        )
 
     def _detach(self, customer: CustomerSession, stream_id: str) -> None:
         ended = self.sessions.detach(customer.session_id, customer.customer_id, stream_id)
@@ -268,7 +279,7 @@ class StreamHub:
         log.info("SESSION END: Calling API for customer %s", ended.customer_id)
         log.info("FULL TRANSCRIPT [%s]: %s", ended.customer_id, ended.transcript)
         self.metrics.keyword_events.labels(event).inc()
-        self._submit(ended, event)
+        self.events.submit(ended, event)
         log.info("Cleaned up customer data for %s", ended.customer_id)
 
     async def stop_all(self) -> None:
@@ -278,8 +289,7 @@ class StreamHub:
 
     async def drain(self) -> None:
         """Wait until every event fired so far has been handed to the queue."""
-        while self._pending:
-            await asyncio.gather(*list(self._pending), return_exceptions=True)
+        await self.events.drain()
 
     # -- transcripts and keywords -------------------------------------------
 
@@ -297,7 +307,7 @@ class StreamHub:
         msg: Message = {
             "type": "transcript",
             "stream_id": stream.stream_id,
-            **self._ids(stream),
+            **stream.ids(),
             "speaker": t.speaker,
             "text": text,
             "final": t.final,
@@ -325,10 +335,7 @@ class StreamHub:
         if not t.final:
             if not self.matcher.settings.match_partials:
                 return
-            # A partial is stable enough when the same events were heard in the previous partial of the segment.
-            seen_seg, seen = stream._partial_hits
-            stream._partial_hits = (t.segment, frozenset(events))
-            events = [e for e in events if seen_seg == t.segment and e in seen]
+            events = stream.stable_partial_events(t.segment, events)
         for event in customer.fire(events):
             self._fire(stream, customer, event, text)
 
@@ -347,53 +354,13 @@ class StreamHub:
             },
             listener=True,
         )
-        self._submit(customer, event)
-
-    def _submit(self, customer: CustomerSession, event: str) -> None:
-        """Hand the event to the queue after the customer's earlier events (order kept per customer)."""
-        key = customer.key
-        previous = self._chains.get(key)
-        task = asyncio.ensure_future(self._submit_after(previous, customer, event))
-        self._chains[key] = task
-        self._pending.add(task)
-
-        def done(t: asyncio.Task[None]) -> None:
-            self._pending.discard(t)
-            if self._chains.get(key) is t:
-                del self._chains[key]
-
-        task.add_done_callback(done)
-
-    async def _submit_after(self, previous: asyncio.Future[None] | None, customer: CustomerSession, event: str) -> None:
-        if previous is not None:
-            with contextlib.suppress(BaseException):
-                await previous
-        if self.event_queue is None:
-            log.error("no event queue: %s for customer %s is not delivered", event, customer.customer_id)
-            return
-        try:
-            event_id = await self.event_queue.submit(customer.customer_id, event, session_id=customer.session_id)
-            log.debug("event %s (%s for %s) committed", event_id, event, customer.customer_id)
-        except SpoolFull as exc:
-            log.error("EVENT REFUSED: %s for customer %s - spool full: %s", event, customer.customer_id, exc)
-        except Exception:
-            log.exception("EVENT LOST: %s for customer %s could not be queued", event, customer.customer_id)
+        self.events.submit(customer, event)
 
     # -- live feed -------------------------------------------------------------
 
     def subscribe(self, callback: Subscriber) -> Callable[[], None]:
         """Get every hub message (plus ``delivery`` updates); returns the unsubscribe function."""
-        self._subscribers.append(callback)
-
-        def unsubscribe() -> None:
-            with contextlib.suppress(ValueError):
-                self._subscribers.remove(callback)
-
-        return unsubscribe
-
-    @staticmethod
-    def _ids(stream: HubStream) -> Message:
-        return {"session_id": stream.session_id, "customer_id": stream.customer_id}
+        return self.subscribers.subscribe(callback)
 
     def _publish(self, stream: HubStream, msg: Message, *, listener: bool = False) -> None:
         if listener and stream.listener is not None:
@@ -401,22 +368,15 @@ class StreamHub:
                 stream.listener(msg)
             except Exception:
                 log.exception("stream %s: listener failed", stream.stream_id)
-        if self._subscribers:
-            self._broadcast(
+        if self.subscribers:
+            self.subscribers.publish(
                 {**msg, "source": stream.source, "lag_s": round(stream.lag_s, 3), "level": round(stream.level, 1)}
             )
 
-    def _broadcast(self, msg: Message) -> None:
-        for callback in list(self._subscribers):
-            try:
-                callback(msg)
-            except Exception:
-                log.exception("hub subscriber failed")
-
     def on_delivery(self, update: DeliveryUpdate) -> None:
         """Relay a delivery state change to subscribers."""
-        if self._subscribers:
-            self._broadcast(
+        if self.subscribers:
+            self.subscribers.publish(
                 {
                     "type": "delivery",
                     "event_id": update.event_id,
@@ -434,20 +394,11 @@ class StreamHub:
         self.matcher = KeywordMatcher(keywords)
         log.info("keyword rules reloaded: %s", ", ".join(self.matcher.events) or "none")
 
-    async def reload_from_config(self) -> None:
-        """Re-read the configuration file (as the daemon found it) and apply its keyword rules."""
-        try:
-            settings = await asyncio.to_thread(load_settings)
-        except Exception as exc:
-            log.error("SIGHUP: configuration not reloaded, keeping the current keyword rules: %s", exc)
-            return
-        self.reload_keywords(settings.keywords)
-
     def health(self) -> Message:
         return {
             "streams": len(self._streams),
             "customers": len(self.sessions),
-            "events_pending": len(self._pending),
+            "events_pending": len(self.events),
             "keyword_events": self.matcher.events,
         }
 
@@ -457,30 +408,14 @@ STREAM_HUB = web.AppKey("stream_hub", StreamHub)
 
 
 async def _hub_ctx(app: web.Application) -> AsyncIterator[None]:
-    from edgevoice.recognition import RECOGNIZER
-
     queue = app.get(EVENT_QUEUE)
     hub = StreamHub(app[SETTINGS], app[RECOGNIZER], queue, app[METRICS])
     app[STREAM_HUB] = hub
     unsubscribe = queue.subscribe(hub.on_delivery) if queue is not None else None
     app[HEALTH_SECTIONS]["events"] = hub.health
-    loop = asyncio.get_running_loop()
-    reloads: set[asyncio.Task[None]] = set()
-
-    def on_sighup() -> None:
-        task = asyncio.ensure_future(hub.reload_from_config())
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
-    hooked = False
-    with contextlib.suppress(ValueError, RuntimeError, NotImplementedError, AttributeError):
-        loop.add_signal_handler(signal.SIGHUP, on_sighup)
-        hooked = True
     try:
         yield
     finally:
-        if hooked:
-            loop.remove_signal_handler(signal.SIGHUP)
         await hub.stop_all()
         if unsubscribe is not None:
             unsubscribe()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
 from edgevoice.config import AsrSettings, DiarizationSettings
+from edgevoice.errors import IDENTIFIER_RULE, BadIdentifier, BadLanguage, DuplicateStream, is_identifier
 from edgevoice.metrics import Metrics
 from edgevoice.recognition.diarization import Diarizer, build_diarizer
 from edgevoice.recognition.engine import Engine
@@ -17,8 +17,6 @@ from edgevoice.recognition.stream import Stream
 from edgevoice.recognition.types import TranscriptCallback
 
 log = logging.getLogger(__name__)
-
-_STREAM_ID = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
 
 
 class WhisperRecognizer:
@@ -52,10 +50,13 @@ class WhisperRecognizer:
         self.scheduler.stop()
 
     def open_stream(self, stream_id: str, *, language: str | None, on_transcript: TranscriptCallback) -> Stream:
-        """Start recognizing a stream; call on the event loop. ValueError names a bad id or language."""
-        if not isinstance(stream_id, str) or not _STREAM_ID.match(stream_id):
-            raise ValueError(f"stream id {stream_id!r}: use 1-128 letters, digits or _.:@-")
-        lang = self.engine.check_language(language or self.settings.language)
+        """Start recognizing a stream; call on the event loop. Raises BadIdentifier, BadLanguage, DuplicateStream."""
+        if not is_identifier(stream_id):
+            raise BadIdentifier(f"stream id {stream_id!r}: use {IDENTIFIER_RULE}")
+        try:
+            lang = self.engine.check_language(language or self.settings.language)
+        except ValueError as exc:
+            raise BadLanguage(str(exc)) from None
         stream = Stream(
             stream_id,
             lang,
@@ -65,7 +66,10 @@ class WhisperRecognizer:
             self.scheduler.wake,
         )
         stream.diarizer_factory = lambda: self.diarizer.open_stream(stream_id)
-        self.scheduler.add(stream)
+        try:
+            self.scheduler.add(stream)
+        except ValueError as exc:  # the scheduler still holds a stream of this id
+            raise DuplicateStream(str(exc)) from None
         return stream
 
     @property

@@ -22,7 +22,8 @@ from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from edgevoice.config import IDENTIFIER_PATTERN, ServerSettings
+from edgevoice.config import ServerSettings
+from edgevoice.errors import CodedError, describe, identifier_field
 from edgevoice.events.hub import STREAM_HUB, HubStream, StreamError, StreamHub
 from edgevoice.server.keys import SETTINGS, WEBSOCKETS
 from edgevoice.sources.pcm import FORMATS, MAX_RATE, MIN_RATE, PcmDecoder
@@ -37,19 +38,16 @@ MAX_QUEUED_PARTIALS = 64
 """Above this many waiting messages, new partial transcripts are dropped."""
 HEARTBEAT_S = 30.0
 
-_IDENTIFIER = re.compile(IDENTIFIER_PATTERN)
 _LANGUAGE = re.compile(r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{1,8})?$")
 
 Message = dict[str, Any]
 
 
-class ProtocolError(Exception):
+class ProtocolError(CodedError):
     """Bad client input: answered with an ``error`` message, the connection stays open."""
 
     def __init__(self, code: str, message: str, stream_id: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+        super().__init__(code, message)
         self.stream_id = stream_id
 
     def to_message(self) -> Message:
@@ -74,14 +72,7 @@ class StartRequest:
 
 
 def _identifier(obj: Message, name: str) -> str:
-    if name not in obj or obj[name] is None:
-        raise ProtocolError("missing_field", f"{name} is required")
-    value = obj[name]
-    if not isinstance(value, str) or not _IDENTIFIER.fullmatch(value):
-        raise ProtocolError(
-            "bad_identifier", f"{name} must be 1–128 characters from [A-Za-z0-9_.:@-], got {_show(value)}"
-        )
-    return value
+    return identifier_field(obj, name, ProtocolError)
 
 
 def _int(value: Any) -> int | None:
@@ -94,11 +85,6 @@ def _int(value: Any) -> int | None:
     return None
 
 
-def _show(value: Any) -> str:
-    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def parse_start(obj: Message) -> StartRequest:
     """Validate an ``audio_stream_start``; raises ProtocolError naming the bad field."""
     stream_id = _identifier(obj, "stream_id")
@@ -107,24 +93,28 @@ def parse_start(obj: Message) -> StartRequest:
         customer_id = _identifier(obj, "customer_id")
         channel = _int(obj.get("channel", 0))
         if channel is None or not 0 <= channel <= 255:
-            raise ProtocolError("bad_channel", f"channel must be an integer 0–255, got {_show(obj.get('channel'))}")
+            raise ProtocolError("bad_channel", f"channel must be an integer 0–255, got {describe(obj.get('channel'))}")
         fmt = obj.get("format", "pcm_s16le")
         if fmt not in FORMATS:
-            raise ProtocolError("unsupported_format", f"format must be one of {', '.join(FORMATS)}, got {_show(fmt)}")
+            raise ProtocolError(
+                "unsupported_format", f"format must be one of {', '.join(FORMATS)}, got {describe(fmt)}"
+            )
         rate = _int(obj.get("sample_rate", 16000))
         if rate is None or not MIN_RATE <= rate <= MAX_RATE:
             raise ProtocolError(
                 "bad_sample_rate",
-                f"sample_rate must be an integer {MIN_RATE}–{MAX_RATE}, got {_show(obj.get('sample_rate'))}",
+                f"sample_rate must be an integer {MIN_RATE}–{MAX_RATE}, got {describe(obj.get('sample_rate'))}",
             )
         channels = _int(obj.get("channels", 1))
         if channels not in (1, 2):
             raise ProtocolError(
-                "unsupported_format", f"channels must be 1 (mono) or 2 (stereo), got {_show(obj.get('channels'))}"
+                "unsupported_format", f"channels must be 1 (mono) or 2 (stereo), got {describe(obj.get('channels'))}"
             )
         language = obj.get("language")
         if language is not None and not (isinstance(language, str) and _LANGUAGE.fullmatch(language)):
-            raise ProtocolError("bad_language", f"language must be a code such as 'en' or 'vi', got {_show(language)}")
+            raise ProtocolError(
+                "bad_language", f"language must be a code such as 'en' or 'vi', got {describe(language)}"
+            )
     except ProtocolError as exc:
         exc.stream_id = stream_id
         raise
@@ -142,7 +132,7 @@ def parse_text(data: str) -> Message:
     if "type" not in obj:
         raise ProtocolError("missing_field", "type is required")
     if not isinstance(obj["type"], str):
-        raise ProtocolError("unknown_type", f"type must be a string, got {_show(obj['type'])}")
+        raise ProtocolError("unknown_type", f"type must be a string, got {describe(obj['type'])}")
     return obj
 
 
@@ -289,7 +279,7 @@ class Connection:
             else:
                 raise ProtocolError(
                     "unknown_type",
-                    f"unknown message type {_show(kind)}; expected audio_stream_start, audio_stream_stop or ping",
+                    f"unknown message type {describe(kind)}; expected audio_stream_start, audio_stream_stop or ping",
                 )
         except ProtocolError as exc:
             self.error(exc)

@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from typing import Any
 
 from aiohttp import web
 
-from edgevoice.config import IDENTIFIER_PATTERN
+from edgevoice.errors import CodedError, identifier_field
 
 log = logging.getLogger(__name__)
 
-_IDENTIFIER = re.compile(IDENTIFIER_PATTERN)
 _STATUS = {
     "bad_json": 400,
     "missing_field": 400,
@@ -34,32 +32,13 @@ _STATUS = {
 }
 
 
-class SeatError(Exception):
+class SeatError(CodedError):
     """A request the seat endpoints refuse; ``code`` names the problem."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
     def response(self, stream_id: str) -> web.Response:
         return web.json_response(
             {"error": self.code, "message": self.message, "stream_id": stream_id}, status=_STATUS[self.code]
         )
-
-
-def _show(value: Any) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-    return repr(text[:57] + "...") if len(text) > 60 else repr(text)
-
-
-def _identifier(body: dict[str, Any], name: str) -> str:
-    if body.get(name) is None:
-        raise SeatError("missing_field", f"{name} is required")
-    value = body[name]
-    if not isinstance(value, str) or not _IDENTIFIER.fullmatch(value):
-        raise SeatError("bad_identifier", f"{name} must be 1–128 characters from [A-Za-z0-9_.:@-], got {_show(value)}")
-    return value
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
@@ -94,8 +73,8 @@ async def start_seat(request: web.Request) -> web.Response:
     stream_id = request.match_info["stream_id"]
     try:
         body = await _body(request)
-        session_id = _identifier(body, "session_id")
-        customer_id = _identifier(body, "customer_id")
+        session_id = identifier_field(body, "session_id", SeatError)
+        customer_id = identifier_field(body, "customer_id", SeatError)
         stream = _seat_stream(request, stream_id)
         if stream.customer is not None and stream.customer.key != (session_id, customer_id):
             raise SeatError(
