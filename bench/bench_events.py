@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgevoice import models
+from edgevoice import modelstore
 from edgevoice.sources.multicam_client import MulticamClient
 from tests.support.daemon import Daemon
 from tests.support.receiver import Receiver
@@ -124,7 +124,7 @@ def main() -> None:
     ap.add_argument("--match-partials", action="store_true", help="fire on stable partials too")
     args = ap.parse_args()
     models_dir = Path(tempfile.gettempdir()) / "edgevoice-test-models"
-    model = models.resolve(args.model, models_dir)
+    model = modelstore.resolve(args.model, models_dir)
     with tempfile.TemporaryDirectory() as tmp, Receiver() as receiver:
         daemon = Daemon(
             Path(tmp),

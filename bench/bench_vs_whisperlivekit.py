@@ -43,7 +43,7 @@ import aiohttp
 import numpy as np
 
 from bench.bench_recognition import monologue
-from edgevoice import models
+from edgevoice import modelstore
 from edgevoice.sources.multicam_client import MulticamClient, to_s16le
 from tests.support.daemon import Daemon, free_port
 from tests.support.speech import wer
@@ -211,7 +211,7 @@ def main() -> None:
     ap.add_argument("--model", default="tiny.en")
     args = ap.parse_args()
     counts = [int(x) for x in args.streams.split(",")]
-    model_dir = models.resolve(args.model, Path(tempfile.gettempdir()) / "edgevoice-test-models")
+    model_dir = modelstore.resolve(args.model, Path(tempfile.gettempdir()) / "edgevoice-test-models")
     audio, ends, script = monologue(args.seconds)
     exe = ensure_wlk()
     results: dict[tuple[str, int], dict[str, float]] = {}

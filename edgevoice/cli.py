@@ -10,13 +10,13 @@ import sys
 from collections.abc import Callable, Sequence
 
 from edgevoice import __version__
-from edgevoice.config import ConfigError, Settings, load_settings, masked_dump
+from edgevoice.config import ConfigError, Settings, load_settings, masked_dump, resolve_config_path
 
 # Commands contributed by components: module path -> its ``register(subparsers)``.
 _COMMAND_MODULES = (
     "edgevoice.doctor",
     "edgevoice.delivery.cli",
-    "edgevoice.models_cli",
+    "edgevoice.modelstore.cli",
     "edgevoice.transcribe",
     "edgevoice.sources.devices_cli",
 )
@@ -31,18 +31,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from edgevoice.logs import setup_logging
 
     settings = _settings(args)
-    if getattr(args, "config", None):  # SIGHUP reloads re-read the same file
-        import os
-
-        os.environ["EDGEVOICE_CONFIG"] = os.path.abspath(args.config)
+    found = resolve_config_path(getattr(args, "config", None))
+    config_path = found.absolute() if found is not None else None  # SIGHUP re-reads this file
     setup_logging(settings.logging.level)
-    return asyncio.run(serve(settings))
+    return asyncio.run(serve(settings, config_path=config_path))
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     settings = load_settings(args.file or args.config)
-    from edgevoice.config import resolve_config_path
-
     origin = resolve_config_path(args.file or args.config) or "embedded defaults"
     print(
         f"configuration OK ({origin}): listening on {settings.server.host}:{settings.server.port}, model {settings.asr.model}"

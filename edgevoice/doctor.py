@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from edgevoice import models
+from edgevoice import modelstore
 from edgevoice.config import Settings, load_settings
 
 
@@ -43,10 +43,10 @@ def check_model(s: Settings) -> list[Check]:
     """Load the model exactly as the daemon does (same device and compute-type choice, warm-up decode)."""
     from edgevoice.recognition.engine import Engine, EngineError
 
-    models_dir = models.default_models_dir(s.state.path(), s.asr.models_dir)
+    models_dir = modelstore.default_models_dir(s.state.path(), s.asr.models_dir)
     try:
         info = Engine.load(s.asr, models_dir).info
-    except (models.ModelError, EngineError, OSError) as exc:
+    except (modelstore.ModelError, EngineError, OSError) as exc:
         return [Check("asr model", "FAIL", str(exc))]
     detail = f"{s.asr.model}: {info.path} loads in {info.load_s:.2f} s ({info.device}, {info.compute_type})"
     return [Check("asr model", "OK", detail)]

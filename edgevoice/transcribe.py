@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from edgevoice.config import Settings
+from edgevoice.config import Settings, load_settings
 from edgevoice.recognition.types import SAMPLE_RATE, Transcript
 
 CHUNK_S = 0.1
@@ -59,7 +59,7 @@ async def transcribe_audio(
     audio: np.ndarray, settings: Settings, *, language: str | None = None, stream_id: str = "file"
 ) -> tuple[list[Transcript], dict[str, Any]]:
     """Every final of ``audio`` through the streaming recognizer, and run facts."""
-    from edgevoice import models
+    from edgevoice import modelstore as models
     from edgevoice.metrics import Metrics
     from edgevoice.recognition.recognizer import WhisperRecognizer
 
@@ -123,9 +123,7 @@ def _clock(seconds: float) -> str:
 
 
 def cmd_transcribe(args: argparse.Namespace) -> int:
-    from edgevoice.cli import _settings
-
-    settings = _settings(args)
+    settings = load_settings(getattr(args, "config", None))
     if args.model:
         settings = settings.model_copy(update={"asr": settings.asr.model_copy(update={"model": args.model})})
     path = Path(args.file)
@@ -134,7 +132,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     except AudioFileError as exc:
         print(f"edgevoice: {exc}", file=sys.stderr)
         return 2
-    from edgevoice.models import ModelError
+    from edgevoice.modelstore import ModelError
     from edgevoice.recognition.diarization import DiarizationError
     from edgevoice.recognition.engine import EngineError
 

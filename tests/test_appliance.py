@@ -297,7 +297,8 @@ def test_playbook_twice_into_a_target_root(tmp_path: Path) -> None:
         assert "s3cret-token" not in out1 + out2
 
         site_packages = list((root / "opt/edgevoice/venv/lib").glob("python3*/site-packages"))
-        assert site_packages and (site_packages[0] / "edgevoice" / "models_cli.py").is_file()
+        assert site_packages and (site_packages[0] / "edgevoice" / "modelstore" / "cli.py").is_file()
+        assert (site_packages[0] / "edgevoice" / "modelstore" / "_data" / "manifest.toml").is_file()
         assert list(site_packages[0].glob("edgevoice-0.1.0.dist-info"))
 
         verify = subprocess.run(

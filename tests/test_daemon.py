@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import signal
 import ssl
 import subprocess
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from edgevoice.daemon import Signals
 from tests.support.daemon import Daemon
 
 
@@ -52,6 +55,38 @@ def test_sigint_also_stops_cleanly(daemon_factory: Callable[..., Daemon]) -> Non
     assert d.proc is not None
     d.proc.send_signal(signal.SIGINT)
     assert d.proc.wait(30) == 0
+
+
+async def test_signals_stop_then_force_and_reload() -> None:
+    """Real signals to this process: HUP asks for a reload, the first TERM a stop, a second stop signal forces exit."""
+    reloads: list[int] = []
+    forced: list[int] = []
+    changed = asyncio.Event()
+
+    def record(into: list[int], value: int) -> None:
+        into.append(value)
+        changed.set()
+
+    signals = Signals(on_reload=lambda: record(reloads, 1), on_force=lambda status: record(forced, status))
+
+    async def deliver(sig: signal.Signals) -> None:
+        changed.clear()
+        os.kill(os.getpid(), sig)
+        await asyncio.wait_for(changed.wait(), 30)
+
+    signals.install()
+    try:
+        await deliver(signal.SIGHUP)
+        await deliver(signal.SIGHUP)
+        assert reloads == [1, 1] and not signals.stop_requested.is_set()
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(signals.stop_requested.wait(), 30)
+        assert signals.stopped_by == signal.SIGTERM and forced == []
+        await deliver(signal.SIGINT)
+        assert forced == [128 + signal.SIGINT]
+    finally:
+        signals.remove()
+    assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
 
 
 def test_bearer_token_enforced(daemon_factory: Callable[..., Daemon]) -> None:

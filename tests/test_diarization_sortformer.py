@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgevoice import models
+from edgevoice import modelstore
 from edgevoice.config import AsrSettings, DiarizationSettings
 from edgevoice.metrics import Metrics
 from edgevoice.recognition.types import Transcript
@@ -172,13 +172,13 @@ def test_manifest_name_loads_the_pinned_installed_model(
     copied.mkdir()
     shutil.copy(tiny_nemo, copied / f"{name}.nemo")
     site = tmp_path / "models.toml"
-    site.write_text(models.pin_entry(name, copied))
+    site.write_text(modelstore.pin_entry(name, copied))
     monkeypatch.setenv("EDGEVOICE_MODELS_SITE_MANIFEST", str(site))
     settings = DiarizationSettings(backend="sortformer", device="cpu")  # the default model name
     models_dir = tmp_path / "models"
     with pytest.raises(DiarizationError, match=f"edgevoice models install {name}"):
         build_diarizer(settings, Metrics(), models_dir=models_dir)
-    models.install(models.get_spec(name), models_dir, [copied])
+    modelstore.install(modelstore.get_spec(name), models_dir, [copied])
     d = build_diarizer(settings, Metrics(), models_dir=models_dir)
     try:
         assert isinstance(d, SortformerDiarizer)
@@ -189,7 +189,7 @@ def test_manifest_name_loads_the_pinned_installed_model(
     finally:
         d.close()
     (models_dir / name / f"{name}.nemo").write_bytes(b"tampered")
-    assert models.verify_dir(models.get_spec(name), models_dir / name)  # `edgevoice models verify` catches it
+    assert modelstore.verify_dir(modelstore.get_spec(name), models_dir / name)  # `edgevoice models verify` catches it
 
 
 async def test_recognizer_finals_all_carry_a_speaker(tiny_nemo: Path) -> None:

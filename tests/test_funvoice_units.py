@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from edgevoice.app import build_app
 from edgevoice.config import FunVoiceSettings, Settings
 from edgevoice.funvoice.catalogue import Catalogue, CatalogueError, normalize
 from edgevoice.funvoice.channels import Channels
 from edgevoice.funvoice.gemini import GeminiService, LiveError
 from edgevoice.funvoice.tools import Toolbox, declarations
 from edgevoice.metrics import Metrics
-from edgevoice.server.app import build_app
 from edgevoice.server.keys import HEALTH_SECTIONS
 from tests.support.daemon import Daemon
 

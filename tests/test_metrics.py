@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
-from edgevoice import models
+from edgevoice import modelstore
 from edgevoice.metrics import METRICS
 from edgevoice.sources.multicam_client import MulticamClient
 from tests.support.daemon import Daemon
@@ -114,7 +114,7 @@ Scrape = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 def daemon_env(receiver: Receiver, token: str, **extra: str) -> dict[str, str]:
     """A daemon on tiny.en that delivers to ``receiver`` and asks for ``token``."""
     return {
-        "EDGEVOICE_ASR__MODEL": str(models.resolve("tiny.en", MODELS)),
+        "EDGEVOICE_ASR__MODEL": str(modelstore.resolve("tiny.en", MODELS)),
         "EDGEVOICE_EVENTS__URL": receiver.url,
         "EDGEVOICE_EVENTS__RETRY_BASE_S": "0.1",
         "EDGEVOICE_SERVER__TOKEN": token,

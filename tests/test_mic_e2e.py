@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import soxr
 
-from edgevoice import models
+from edgevoice import modelstore
 from edgevoice.sources.mic import block_frames
 from tests.support.daemon import Daemon
 from tests.support.fakemic import FakeMic, write_asoundrc
@@ -142,7 +142,7 @@ def start(daemon_factory: Callable[..., Daemon], home: Path, receiver: Receiver,
     return daemon_factory(
         env={
             "HOME": str(home),
-            "EDGEVOICE_ASR__MODEL": str(models.resolve("tiny.en", MODELS)),
+            "EDGEVOICE_ASR__MODEL": str(modelstore.resolve("tiny.en", MODELS)),
             "EDGEVOICE_EVENTS__URL": receiver.url,
             "EDGEVOICE_EVENTS__RETRY_BASE_S": "0.1",
         },

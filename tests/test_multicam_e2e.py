@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgevoice import models
+from edgevoice import modelstore
 from edgevoice.sources.multicam_client import MulticamClient
 from tests.support.daemon import Daemon
 from tests.support.receiver import Receiver
@@ -49,7 +49,7 @@ def conversation(phrases: list[str], voice: str = "en-us", gap_s: float = 1.2, s
 
 
 def model_path(name: str) -> Path:
-    return models.resolve(name, MODELS)
+    return modelstore.resolve(name, MODELS)
 
 
 def start_daemon(

@@ -23,7 +23,7 @@ import soxr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgevoice import models
+from edgevoice import modelstore
 from edgevoice.sources.multicam_client import MulticamClient
 from tests.support.daemon import Daemon
 from tests.support.speech import have_espeak, silence, synth
@@ -42,7 +42,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     d = Daemon(
         tmp,
         env={
-            "EDGEVOICE_ASR__MODEL": str(models.resolve("tiny.en", MODELS)),
+            "EDGEVOICE_ASR__MODEL": str(modelstore.resolve("tiny.en", MODELS)),
             "EDGEVOICE_SERVER__TOKEN": TOKEN,
             "EDGEVOICE_SERVER__MAX_STREAMS_PER_CONNECTION": "2",
             "EDGEVOICE_SERVER__MAX_STREAMS": "3",

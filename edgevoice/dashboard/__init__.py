@@ -20,6 +20,8 @@ from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
 from edgevoice.dashboard.feed import Feed
+from edgevoice.delivery.api import EVENT_QUEUE, DeliveryUpdate
+from edgevoice.events.hub import STREAM_HUB, StreamHub
 from edgevoice.metrics import METRICS
 from edgevoice.server.keys import SETTINGS, WEBSOCKETS
 
@@ -61,37 +63,7 @@ async def get_metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
-def _stream_lister(hub: Any) -> Callable[[], list[Any]] | None:
-    streams = getattr(hub, "streams", None)
-    if streams is None:
-        return None
-
-    def listing() -> list[Any]:
-        out = []
-        for s in streams():
-            if dataclasses.is_dataclass(s) and not isinstance(s, type):
-                s = dataclasses.asdict(s)
-            out.append(s)
-        return out
-
-    return listing
-
-
-def _find_hub(app: web.Application) -> Any:
-    try:
-        from edgevoice.events.hub import STREAM_HUB
-    except ImportError:
-        return None
-    return app.get(STREAM_HUB)
-
-
-def _find_queue(app: web.Application) -> Any:
-    from edgevoice.delivery.api import EVENT_QUEUE
-
-    return app.get(EVENT_QUEUE)
-
-
-def _delivery_message(update: Any) -> dict[str, Any]:
+def _delivery_message(update: DeliveryUpdate) -> dict[str, Any]:
     return {"type": "delivery", **dataclasses.asdict(update)}
 
 
@@ -100,13 +72,13 @@ async def _feed_ctx(app: web.Application) -> AsyncIterator[None]:
     feed = app[FEED]
     settings = app[SETTINGS].dashboard
     unsubscribe: list[Callable[[], None]] = []
-    hub = _find_hub(app)
+    hub: StreamHub | None = app.get(STREAM_HUB)
     if hub is not None:
         unsubscribe.append(hub.subscribe(feed.publish))
-        feed.set_streams(_stream_lister(hub))
+        feed.set_streams(hub.streams)
     else:
         log.warning("dashboard: no stream hub; the page will show status only")
-    queue = _find_queue(app)
+    queue = app.get(EVENT_QUEUE)
     if queue is None:
         log.warning("dashboard: no event queue; delivery states will not be shown")
     elif hub is None:

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from edgevoice import models
+from edgevoice import modelstore
 from edgevoice.metrics import METRICS
 from edgevoice.recognition.recognizer import WhisperRecognizer
 from edgevoice.recognition.types import Recognizer
@@ -25,7 +25,7 @@ RECOGNIZER = web.AppKey("recognizer", Recognizer)
 async def _ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     asr = settings.asr
-    models_dir = models.default_models_dir(settings.state.path(), asr.models_dir)
+    models_dir = modelstore.default_models_dir(settings.state.path(), asr.models_dir)
     extender = asyncio.create_task(extend_while(app[NOTIFIER], f"loading model {asr.model}"))
     try:
         recognizer = await asyncio.to_thread(

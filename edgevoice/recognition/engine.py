@@ -29,12 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
-from edgevoice import models
+from edgevoice import modelstore as models
 from edgevoice.config import AsrSettings
+from edgevoice.recognition.types import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16000
 HOP = 160
 """Audio samples per mel frame."""
 FULL_FRAMES = 3000

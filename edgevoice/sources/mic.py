@@ -31,6 +31,7 @@ import numpy as np
 from aiohttp import web
 
 from edgevoice.config import MicDevice, MicSettings
+from edgevoice.events.hub import STREAM_HUB, HubStream, StreamError
 from edgevoice.metrics import METRICS, Metrics
 from edgevoice.server.keys import HEALTH_SECTIONS, SETTINGS
 from edgevoice.sources.pcm import Resampler, downmix
@@ -532,8 +533,6 @@ MIC_CAPTURE = web.AppKey("mic_capture", MicCapture)
 
 
 async def _mic_ctx(app: web.Application) -> AsyncIterator[None]:
-    from edgevoice.events.hub import STREAM_HUB, HubStream, StreamError
-
     settings = app[SETTINGS].mic
     capture = MicCapture(settings, app[METRICS])
     app[MIC_CAPTURE] = capture
@@ -574,8 +573,5 @@ async def _mic_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def setup(app: web.Application) -> None:
-    """Capture the configured devices into the stream hub; serve the seat binding endpoints."""
-    from edgevoice.sources import seats
-
+    """Capture the configured devices into the stream hub (one stream per seat; :mod:`.seats` binds customers)."""
     app.cleanup_ctx.append(_mic_ctx)
-    seats.setup(app)

@@ -7,14 +7,11 @@ split across chunks) into recognizer input; :class:`Resampler` and
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 import soxr
 
 from edgevoice.recognition.types import SAMPLE_RATE
 
-PcmFormat = Literal["pcm_s16le", "pcm_f32le"]
 FORMATS: dict[str, np.dtype] = {"pcm_s16le": np.dtype("<i2"), "pcm_f32le": np.dtype("<f4")}
 MIN_RATE = 8000
 MAX_RATE = 48000

@@ -18,6 +18,8 @@ from typing import Any
 from aiohttp import web
 
 from edgevoice.errors import CodedError, identifier_field
+from edgevoice.events.hub import STREAM_HUB, HubStream, StreamError
+from edgevoice.sources.mic import MIC_CAPTURE
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +54,8 @@ async def _body(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def _seat_stream(request: web.Request, stream_id: str) -> Any:
+def _seat_stream(request: web.Request, stream_id: str) -> HubStream:
     """The hub stream of a configured mic seat."""
-    from edgevoice.events.hub import STREAM_HUB
-    from edgevoice.sources.mic import MIC_CAPTURE
-
     capture = request.app.get(MIC_CAPTURE)
     if capture is None or stream_id not in capture.seat_ids:
         raise SeatError("unknown_stream", f"stream_id {stream_id!r} is not a configured mic seat (mic.devices.seats)")
@@ -68,8 +67,6 @@ def _seat_stream(request: web.Request, stream_id: str) -> Any:
 
 async def start_seat(request: web.Request) -> web.Response:
     """Bind a customer to a seat (idempotent for the same customer)."""
-    from edgevoice.events.hub import STREAM_HUB, StreamError
-
     stream_id = request.match_info["stream_id"]
     try:
         body = await _body(request)
@@ -98,8 +95,6 @@ async def start_seat(request: web.Request) -> web.Response:
 
 async def stop_seat(request: web.Request) -> web.Response:
     """Unbind the seat's customer: its customer stream ends (SESSION_END if it was the last)."""
-    from edgevoice.events.hub import STREAM_HUB
-
     stream_id = request.match_info["stream_id"]
     try:
         stream = _seat_stream(request, stream_id)
@@ -122,5 +117,6 @@ async def stop_seat(request: web.Request) -> web.Response:
 
 
 def setup(app: web.Application) -> None:
+    """Serve the seat binding endpoints (after :func:`edgevoice.sources.mic.setup`: it provides the seats)."""
     app.router.add_post("/streams/{stream_id}/start", start_seat)
     app.router.add_post("/streams/{stream_id}/stop", stop_seat)

@@ -21,8 +21,8 @@ import numpy as np
 
 from edgevoice.config import DiarizationSettings
 from edgevoice.metrics import Metrics
-from edgevoice.recognition.diarization import DiarizationError
 from edgevoice.recognition.diarization.align import FRAME_S, SpeakerTimeline
+from edgevoice.recognition.diarization.types import DiarizationError
 from edgevoice.recognition.diarization.worker import Worker, WorkerStream
 from edgevoice.recognition.types import SAMPLE_RATE
 

