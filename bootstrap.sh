@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up edgevoice on a fresh Debian/Ubuntu machine, then run it or its tests.
 #   ./bootstrap.sh run    install what the daemon needs, then `edgevoice serve` (embedded defaults)
-#   ./bootstrap.sh test   install everything (NeMo, multilingual model, Chromium, linters), then ruff + pytest
+#   ./bootstrap.sh test   install everything (NeMo, multilingual model, Chromium, linters), then ruff + mypy + pytest
 # Idempotent: a second run only checks. Needs root or sudo for apt packages.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -56,6 +56,7 @@ case "$mode" in
   test)
     "$VENV/bin/ruff" check edgevoice tests bench
     "$VENV/bin/ruff" format --check edgevoice tests bench
+    "$VENV/bin/mypy"  # strict on edgevoice/ ([tool.mypy] in pyproject.toml)
     set +e
     "$VENV/bin/python" -m pytest -p no:cacheprovider -ra "$@"
     rc=$?

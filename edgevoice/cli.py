@@ -12,7 +12,10 @@ from collections.abc import Callable, Sequence
 from edgevoice import __version__
 from edgevoice.config import ConfigError, Settings, load_settings, masked_dump, resolve_config_path
 
-# Commands contributed by components: module path -> its ``register(subparsers)``.
+Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
+"""A command module's ``register(subparsers)``: adds its sub-commands."""
+
+# Commands contributed by components, imported by name so that each command loads only what it needs.
 _COMMAND_MODULES = (
     "edgevoice.doctor",
     "edgevoice.delivery.cli",
@@ -83,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_config_example)
 
     for name in _COMMAND_MODULES:
-        register: Callable[[argparse._SubParsersAction], None] = importlib.import_module(name).register
+        register: Register = importlib.import_module(name).register
         register(sub)
     return parser
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
@@ -496,13 +497,13 @@ class Settings(BaseSettings):
         return init_settings, env_settings, _FileSource(settings_cls)
 
 
-def resolve_config_path(path: str | Path | None, env: dict[str, str] | None = None) -> Path | None:
+def resolve_config_path(path: str | Path | None, env: Mapping[str, str] | None = None) -> Path | None:
     """The file to read: explicit, $EDGEVOICE_CONFIG, the system file, or none."""
-    env = os.environ if env is None else env
+    variables = os.environ if env is None else env
     if path:
         return Path(path)
-    if env.get("EDGEVOICE_CONFIG"):
-        return Path(env["EDGEVOICE_CONFIG"])
+    if variables.get("EDGEVOICE_CONFIG"):
+        return Path(variables["EDGEVOICE_CONFIG"])
     return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None
 
 

@@ -143,6 +143,6 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("doctor", help="check this box: models, CUDA, audio, state dir, disk, experience API")
     p.set_defaults(func=cmd_doctor)

@@ -10,12 +10,12 @@ import sys
 def setup_logging(level: str = "INFO") -> None:
     """Route the root logger to journald when ``$JOURNAL_STREAM`` is set, else stderr."""
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
+    for old in list(root.handlers):
+        root.removeHandler(old)
     handler: logging.Handler | None = None
     if os.environ.get("JOURNAL_STREAM"):
         try:
-            from systemd.journal import JournalHandler  # type: ignore[import-not-found]
+            from systemd.journal import JournalHandler
 
             handler = JournalHandler(SYSLOG_IDENTIFIER="edgevoice")
             handler.setFormatter(logging.Formatter("%(message)s"))

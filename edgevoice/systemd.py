@@ -20,7 +20,7 @@ class Notifier:
 
     def __init__(self, address: str | None = None) -> None:
         address = os.environ.get("NOTIFY_SOCKET") if address is None else address
-        self._address = ("\0" + address[1:]) if address and address.startswith("@") else address
+        self._address = ("\0" + address[1:]) if address and address.startswith("@") else (address or "")
         self._sock: socket.socket | None = None
         if self._address:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)

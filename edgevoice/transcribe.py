@@ -47,11 +47,11 @@ def read_audio(path: Path) -> np.ndarray:
         data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
     except Exception as exc:
         raise AudioFileError(f"{path}: cannot read audio ({exc})") from None
-    mono = data.mean(axis=1).astype(np.float32)
+    mono = np.asarray(data.mean(axis=1), dtype=np.float32)
     if rate != SAMPLE_RATE:
         import soxr
 
-        mono = soxr.resample(mono, rate, SAMPLE_RATE).astype(np.float32)
+        mono = np.asarray(soxr.resample(mono, rate, SAMPLE_RATE), dtype=np.float32)
     return mono
 
 
@@ -175,7 +175,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "transcribe", help="run an audio file through the streaming recognizer; print segments and keyword events"
     )

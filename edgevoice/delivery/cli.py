@@ -12,6 +12,7 @@ import json
 import sqlite3
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -98,7 +99,11 @@ def cmd_purge_dead(args: argparse.Namespace, conn: sqlite3.Connection, path: Pat
     return 0
 
 
-def _run(func):  # type: ignore[no-untyped-def]
+SpoolCommand = Callable[[argparse.Namespace, sqlite3.Connection, Path], int]
+"""A ``spool`` action: runs on an open spool connection, returns the exit status."""
+
+
+def _run(func: SpoolCommand) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         try:
             conn, path = _open(args)
@@ -119,7 +124,7 @@ def _run(func):  # type: ignore[no-untyped-def]
     return run
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     spool = subparsers.add_parser("spool", help="inspect and repair the event spool (safe while the daemon runs)")
     sub = spool.add_subparsers(dest="spool_command", required=True, metavar="ACTION")
 

@@ -63,7 +63,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     for r in rows:
         print(
             f"{r['name']:<34} {r['kind']:<10} {r['language']:<12} {r['size_mb']:>5.0f}MB  "
-            f"{r['device'] + '/' + r['compute_type']:<20} {r['source']:<7} {r['status']}"
+            f"{str(r['device']) + '/' + str(r['compute_type']):<20} {r['source']:<7} {r['status']}"
         )
     return 0
 
@@ -141,7 +141,7 @@ def cmd_pin(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``models`` to the ``edgevoice`` command line."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(

@@ -41,7 +41,8 @@ def new_app(settings: Settings, notifier: Notifier | None = None) -> web.Applica
 
 async def _close_websockets(app: web.Application) -> None:
     """On shutdown, tell every WebSocket client we are going away."""
-    sockets = list(app[WEBSOCKETS])
+    open_sockets = app[WEBSOCKETS]
+    sockets = list(open_sockets)
     if sockets:
         log.info("closing %d WebSocket connection(s)", len(sockets))
     await asyncio.gather(

@@ -5,11 +5,15 @@ from __future__ import annotations
 import hmac
 import ssl
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from edgevoice.config import ServerSettings
 from edgevoice.server.keys import WEBSOCKETS
+
+if TYPE_CHECKING:
+    from aiohttp.typedefs import Middleware
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -29,7 +33,7 @@ def _origin_allowed(request: web.Request, allowed: list[str]) -> bool:
     return origin.split("://", 1)[-1] == request.host  # same origin
 
 
-def security_middleware(server: ServerSettings) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def security_middleware(server: ServerSettings) -> Middleware:
     """Token check, CORS and WebSocket origin check in one middleware."""
     token = server.bearer_token()
     allowed = list(server.cors_origins)

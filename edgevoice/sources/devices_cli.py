@@ -200,7 +200,7 @@ def _targets(
     return targets
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("devices", help="list audio input devices; --meter shows live levels per channel")
     p.add_argument("--meter", type=float, metavar="SECONDS", help="show each channel's level for SECONDS")
     p.add_argument(

@@ -23,7 +23,8 @@ Message = dict[str, Any]
 
 def to_s16le(audio: np.ndarray) -> bytes:
     """float32 samples to little-endian 16-bit PCM."""
-    return (np.clip(audio, -1.0, 1.0) * 32767).astype("<i2").tobytes()
+    pcm: np.ndarray = (np.clip(audio, -1.0, 1.0) * 32767).astype("<i2")
+    return pcm.tobytes()
 
 
 class MulticamClient:

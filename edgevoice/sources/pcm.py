@@ -22,8 +22,8 @@ def downmix(frames: np.ndarray) -> np.ndarray:
     if frames.ndim == 1:
         return frames.astype(np.float32, copy=False)
     if frames.shape[1] == 1:
-        return frames[:, 0].astype(np.float32, copy=False)
-    return frames.mean(axis=1, dtype=np.float32)
+        return np.asarray(frames[:, 0], dtype=np.float32)
+    return np.asarray(frames.mean(axis=1, dtype=np.float32))
 
 
 class Resampler:
@@ -41,13 +41,13 @@ class Resampler:
         audio = np.ascontiguousarray(audio, dtype=np.float32)
         if self._stream is None:
             return audio
-        return self._stream.resample_chunk(audio)
+        return np.asarray(self._stream.resample_chunk(audio), dtype=np.float32)
 
     def flush(self) -> np.ndarray:
         """The samples still held by the filter; call once at the end of the stream."""
         if self._stream is None:
             return np.zeros(0, dtype=np.float32)
-        out = self._stream.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+        out = np.asarray(self._stream.resample_chunk(np.zeros(0, dtype=np.float32), last=True), dtype=np.float32)
         self._stream = soxr.ResampleStream(self.rate, self.out_rate, 1, dtype="float32")
         return out
 

@@ -127,7 +127,8 @@ def _fill(slots: list[int | None]) -> list[int | None]:
     known = [s for s in slots if s is not None]
     if not known:
         return slots
-    out, prev = [], known[0]
+    out: list[int | None] = []
+    prev = known[0]
     for s in slots:
         prev = s if s is not None else prev
         out.append(prev)

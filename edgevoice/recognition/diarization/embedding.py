@@ -248,7 +248,7 @@ class EmbeddingDiarizer:
                 return_complex=True,
             )
             mel = (self._mel_basis @ spec.abs().pow(2)).T
-            return self.encoder(mel[None].to(self.encoder.device))[0].cpu().numpy()
+            return np.asarray(self.encoder(mel[None].to(self.encoder.device))[0].cpu().numpy())
 
     def _assign(self, s: EmbeddingStream, e: np.ndarray, length_s: float) -> tuple[int | None, float]:
         """Online clustering: (speaker index, vote weight) for one window's embedding."""

@@ -13,7 +13,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
@@ -88,7 +88,9 @@ class StreamAudio:
 class WorkerStream:
     """A stream of a worker-based backend: audio queue, speaker timeline and stable labels."""
 
-    def __init__(self, stream_id: str, worker: Worker, timeline: SpeakerTimeline, max_lag_s: float, min_score: float):
+    def __init__(
+        self, stream_id: str, worker: Worker[Any], timeline: SpeakerTimeline, max_lag_s: float, min_score: float
+    ):
         self.stream_id = stream_id
         self.audio = StreamAudio(int(max_lag_s * SAMPLE_RATE))
         self.timeline = timeline
@@ -134,21 +136,22 @@ class WorkerStream:
 
 
 S = TypeVar("S", bound=WorkerStream)
+S_contra = TypeVar("S_contra", bound=WorkerStream, contravariant=True)
 
 
-class Backend(Protocol[S]):
+class Backend(Protocol[S_contra]):
     """What a worker-based backend implements (all called in the worker thread)."""
 
-    def absorb(self, stream: S, start: int, audio: np.ndarray) -> None:
+    def absorb(self, stream: S_contra, start: int, audio: np.ndarray) -> None:
         """Append queued audio (starting at absolute sample ``start``; a jump means audio was skipped)."""
 
-    def ready(self, stream: S) -> bool:
+    def ready(self, stream: S_contra) -> bool:
         """Whether the stream has enough audio for a step."""
 
-    def run(self, streams: Sequence[S]) -> None:
+    def run(self, streams: Sequence[S_contra]) -> None:
         """Run one step for each ready stream (batched where possible) and write their timelines."""
 
-    def reset(self, stream: S) -> None:
+    def reset(self, stream: S_contra) -> None:
         """Forget the stream's buffered audio after a failed step."""
 
 
