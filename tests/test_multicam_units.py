@@ -92,6 +92,7 @@ def test_parse_start_defaults_and_fields() -> None:
         ({"session_id": ""}, "bad_identifier"),
         ({"customer_id": 5}, "bad_identifier"),
         ({"customer_id": "khách"}, "bad_identifier"),
+        ({"customer_id": "guest_1\n"}, "bad_identifier"),
         ({"channel": 256}, "bad_channel"),
         ({"channel": -1}, "bad_channel"),
         ({"channel": True}, "bad_channel"),

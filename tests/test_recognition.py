@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from edgevoice.config import AsrSettings, KeywordSettings
+from edgevoice.errors import BadIdentifier, BadLanguage, DuplicateStream
 from edgevoice.events.keywords import KeywordMatcher
 from edgevoice.metrics import Metrics
 from edgevoice.recognition.engine import looks_looped, repetition_cut
@@ -219,6 +220,20 @@ async def test_long_speech_is_committed_early_and_bounded(tiny: WhisperRecognize
     error = wer(text, hyp)
     print(f"long utterance ({duration:.1f} s) in {len(fs)} finals, WER {error:.3f}: {hyp}")
     assert error < 0.35
+
+
+async def test_refusals_are_typed(tiny: WhisperRecognizer) -> None:
+    """The hub maps these by type: a code per refusal, never picked from the message text."""
+    with pytest.raises(BadIdentifier) as bad_id:
+        tiny.open_stream("seat_1\n", language=None, on_transcript=print)  # `re.match` with `$` let this through
+    with pytest.raises(BadLanguage) as bad_language:
+        tiny.open_stream("vi", language="vi", on_transcript=print)
+    s = tiny.open_stream("typed_dup", language="en", on_transcript=print)
+    with pytest.raises(DuplicateStream) as duplicate:
+        tiny.open_stream("typed_dup", language=None, on_transcript=print)
+    s.close()
+    codes = [e.value.code for e in (bad_id, bad_language, duplicate)]
+    assert codes == ["bad_identifier", "bad_language", "duplicate_stream"]
 
 
 async def test_stream_errors(tiny: WhisperRecognizer) -> None:

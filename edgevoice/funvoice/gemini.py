@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 from edgevoice.config import FunVoiceSettings
+from edgevoice.errors import CodedError
 from edgevoice.funvoice import tools as tool_decls
 from edgevoice.funvoice.tools import Toolbox
 from edgevoice.metrics import Metrics
@@ -41,13 +42,11 @@ PENDING_AUDIO_BYTES = 5 * 16000 * 2  # audio kept while a connection is being (r
 _CLOSE_TIMEOUT_S = 3.0
 
 
-class LiveError(Exception):
+class LiveError(CodedError):
     """A Live session could not be opened; ``code`` is what the client is told, ``fatal`` stops retries."""
 
     def __init__(self, code: str, message: str, *, fatal: bool = False) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+        super().__init__(code, message)
         self.fatal = fatal
 
 
