@@ -12,12 +12,15 @@ import json
 import sqlite3
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import TypeVar
 
 from edgevoice.config import load_settings
 from edgevoice.delivery import store
+
+Row = TypeVar("Row", store.Event, store.DeadEvent)
 
 
 def _open(args: argparse.Namespace) -> tuple[sqlite3.Connection, Path]:
@@ -41,45 +44,53 @@ def _duration(s: float) -> str:
 
 
 def cmd_stats(args: argparse.Namespace, conn: sqlite3.Connection, path: Path) -> int:
-    data = store.stats(conn, path).as_dict()
+    stats = store.stats(conn, path)
+    data = stats.as_dict()
     if args.json:
         print(json.dumps(data))
         return 0
-    age = data["oldest_age_s"]
+    oldest = stats.oldest_created
     print(f"spool:      {data['path']}")
     print(f"waiting:    {data['waiting']} event(s) for {data['customers']} customer(s)")
-    print(f"oldest:     {'-' if age is None else _duration(float(age))}")  # type: ignore[arg-type]
+    print(f"oldest:     {'-' if oldest is None else _age(oldest, time.time())}")
     print(f"dead:       {data['dead']} event(s)")
     print(f"data bytes: {data['data_bytes']}  (file {data['file_bytes']} bytes)")
     return 0
 
 
-def cmd_list(args: argparse.Namespace, conn: sqlite3.Connection, path: Path) -> int:
-    rows = store.waiting(conn, customer=args.customer, limit=args.limit)
+def _print_rows(args: argparse.Namespace, rows: Sequence[Row], header: str, line: Callable[[Row, float], str]) -> int:
+    """Rows as JSON lines (``--json``) or as a table: ``header``, then ``line(row, now)`` for each."""
     if args.json:
         for r in rows:
             print(json.dumps(asdict(r), ensure_ascii=False))
         return 0
     now = time.time()
-    print(f"{'ID':36}  {'CUSTOMER':24}  {'EVENT':16}  {'AGE':>6}  {'TRIES':>5}  LAST ERROR")
+    print(header)
     for r in rows:
-        err = r.last_error or ""
-        print(f"{r.id:36}  {r.customer_id:24}  {r.event:16}  {_age(r.created, now):>6}  {r.attempts:>5}  {err}")
+        print(line(r, now))
     return 0
+
+
+def _waiting_line(r: store.Event, now: float) -> str:
+    err = r.last_error or ""
+    return f"{r.id:36}  {r.customer_id:24}  {r.event:16}  {_age(r.created, now):>6}  {r.attempts:>5}  {err}"
+
+
+def _dead_line(r: store.DeadEvent, now: float) -> str:
+    response = (r.response or "").replace("\n", " ")[:80]
+    return f"{r.id:36}  {r.customer_id:24}  {r.event:16}  {_age(r.died, now):>6}  {r.reason[:24]:24}  {response}"
+
+
+def cmd_list(args: argparse.Namespace, conn: sqlite3.Connection, path: Path) -> int:
+    rows = store.waiting(conn, customer=args.customer, limit=args.limit)
+    header = f"{'ID':36}  {'CUSTOMER':24}  {'EVENT':16}  {'AGE':>6}  {'TRIES':>5}  LAST ERROR"
+    return _print_rows(args, rows, header, _waiting_line)
 
 
 def cmd_dead(args: argparse.Namespace, conn: sqlite3.Connection, path: Path) -> int:
     rows = store.dead_letters(conn, customer=args.customer, limit=args.limit)
-    if args.json:
-        for r in rows:
-            print(json.dumps(asdict(r), ensure_ascii=False))
-        return 0
-    now = time.time()
-    print(f"{'ID':36}  {'CUSTOMER':24}  {'EVENT':16}  {'DIED':>6}  {'REASON':24}  RESPONSE")
-    for r in rows:
-        response = (r.response or "").replace("\n", " ")[:80]
-        print(f"{r.id:36}  {r.customer_id:24}  {r.event:16}  {_age(r.died, now):>6}  {r.reason[:24]:24}  {response}")
-    return 0
+    header = f"{'ID':36}  {'CUSTOMER':24}  {'EVENT':16}  {'DIED':>6}  {'REASON':24}  RESPONSE"
+    return _print_rows(args, rows, header, _dead_line)
 
 
 def cmd_retry(args: argparse.Namespace, conn: sqlite3.Connection, path: Path) -> int:

@@ -23,7 +23,7 @@ from edgevoice.config import DiarizationSettings
 from edgevoice.metrics import Metrics
 from edgevoice.recognition.diarization.align import FRAME_S, SpeakerTimeline
 from edgevoice.recognition.diarization.types import DiarizationError
-from edgevoice.recognition.diarization.worker import Worker, WorkerStream
+from edgevoice.recognition.diarization.worker import Worker, WorkerDiarizer, WorkerStream
 from edgevoice.recognition.types import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ class EmbeddingStream(WorkerStream):
         self.counts: list[int] = []
 
 
-class EmbeddingDiarizer:
+class EmbeddingDiarizer(WorkerDiarizer[EmbeddingStream]):
     """resemblyzer's encoder shared by every stream; one worker thread runs them all."""
 
     name = "embedding"
@@ -157,14 +157,8 @@ class EmbeddingDiarizer:
         self.max_lag_s = settings.max_lag_s
         self.worker: Worker[EmbeddingStream] = Worker(self, self.name, metrics)
 
-    def open_stream(self, stream_id: str) -> EmbeddingStream:
-        stream = EmbeddingStream(stream_id, self)
-        self.worker.add(stream)
-        return stream
-
-    def close(self) -> None:
-        """Stop the worker thread."""
-        self.worker.close()
+    def new_stream(self, stream_id: str) -> EmbeddingStream:
+        return EmbeddingStream(stream_id, self)
 
     # -- worker side -------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from edgevoice.config import DiarizationSettings
 from edgevoice.metrics import Metrics
 from edgevoice.recognition.diarization.align import SpeakerTimeline
 from edgevoice.recognition.diarization.types import DiarizationError
-from edgevoice.recognition.diarization.worker import Worker, WorkerStream
+from edgevoice.recognition.diarization.worker import Worker, WorkerDiarizer, WorkerStream
 from edgevoice.recognition.types import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ class SortformerStream(WorkerStream):
         self.state: Any = None
 
 
-class SortformerDiarizer:
+class SortformerDiarizer(WorkerDiarizer[SortformerStream]):
     """A restored Sortformer shared by every stream; one worker thread steps them all."""
 
     name = "sortformer"
@@ -166,14 +166,8 @@ class SortformerDiarizer:
         self.latency_s = (sizes["chunk_len"] + sizes["chunk_right_context"]) * self.frame_s
         self.worker: Worker[SortformerStream] = Worker(self, self.name, metrics)
 
-    def open_stream(self, stream_id: str) -> SortformerStream:
-        stream = SortformerStream(stream_id, self)
-        self.worker.add(stream)
-        return stream
-
-    def close(self) -> None:
-        """Stop the worker thread."""
-        self.worker.close()
+    def new_stream(self, stream_id: str) -> SortformerStream:
+        return SortformerStream(stream_id, self)
 
     # -- worker side -------------------------------------------------------------------
 

@@ -236,3 +236,26 @@ class Worker(Generic[S]):
                     self._backend.reset(s)
             finally:
                 self._cost.inc(time.perf_counter() - t0)
+
+
+class WorkerDiarizer(Generic[S]):
+    """The :class:`~edgevoice.recognition.diarization.types.Diarizer` side of a worker-based backend.
+
+    Subclasses set :attr:`worker` and build their stream in :meth:`new_stream`; each stream
+    opened joins the worker, and :meth:`close` stops it.
+    """
+
+    worker: Worker[S]
+
+    def new_stream(self, stream_id: str) -> S:
+        """The backend's state for a new stream (not yet known to the worker)."""
+        raise NotImplementedError
+
+    def open_stream(self, stream_id: str) -> S:
+        stream = self.new_stream(stream_id)
+        self.worker.add(stream)
+        return stream
+
+    def close(self) -> None:
+        """Stop the worker thread."""
+        self.worker.close()
