@@ -69,4 +69,4 @@ class Recognizer(Protocol):
     def open_stream(
         self, stream_id: str, *, language: str | None, on_transcript: TranscriptCallback
     ) -> RecognitionStream:
-        """Start recognizing a new stream."""
+        """Start recognizing a new stream; refusals are :class:`~edgevoice.errors.RecognizerError` subclasses."""
