@@ -10,6 +10,7 @@ and what is allowed.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -31,6 +32,8 @@ else:  # pragma: no cover - Jetson ships Python 3.10
 ENV_PREFIX = "EDGEVOICE_"
 DEFAULT_CONFIG_PATH = Path("/etc/edgevoice/edgevoice.toml")
 
+
+log = logging.getLogger(__name__)
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message is meant for an operator."""
@@ -135,26 +138,39 @@ class AsrSettings(_Section):
     """Detect the language per utterance when neither stream nor config names one. Off: unreliable on short clips."""
     cpu_threads: int = Field(0, ge=0)
     """CTranslate2 intra-op threads; 0 uses all cores."""
-    beam_size: int = Field(1, ge=1, le=10)
-    """Beam width for final segments (partials always use greedy decoding)."""
+    multilingual_model: str | None = "base"
+    """Model for streams in a language asr.model does not speak (it is English-only); none refuses them with bad_language."""
+    beam_size: int = Field(5, ge=1, le=10)
+    """Beam width of finals and of the hypotheses long speech is committed from (offline Whisper uses 5); display partials are greedy."""
     max_batch: int = Field(16, ge=1, le=128)
-    """Most stream windows decoded in one batched call."""
+    """Most requests decoded in one batched call."""
     partial_interval_s: float = Field(0.5, ge=0.1, le=10)
     """How often a speaking stream's partial hypothesis is refreshed (skipped first under load)."""
     vad_threshold: float = Field(0.5, gt=0, lt=1)
     """Silero VAD speech probability threshold."""
     min_silence_ms: int = Field(500, ge=100, le=5000)
     """Silence that ends an utterance and makes its text final."""
-    max_utterance_s: float = Field(15.0, ge=2, le=30)
-    """Longest utterance decoded as one piece; longer speech is committed by the stability rule or cut here."""
+    max_utterance_s: float = Field(25.0, ge=4, le=28)
+    """Longest audio decoded as one piece; longer speech is committed piece by piece before it (see docs/recognition.md)."""
     initial_prompt: str | None = None
     """Text prompt for the decoder. Off by default: prompting with keywords was measured to invent them."""
-    window: Literal["auto", "fit", "full"] = "auto"
-    """Encoder window: full is Whisper's 30 s (most accurate); fit only the audio (+1 s, 5-25x cheaper); auto: finals full while that costs under final_budget_s per batch, else fit; partials always fit."""
-    final_budget_s: float = Field(1.0, ge=0, le=10)
-    """window = auto: compute a batch of finals may spend in full windows (0: always fit)."""
+    window: Literal["shared", "full"] = "shared"
+    """Encoder window: shared encodes the audio (+1 s) and reuses the encoder output of silence for the rest of Whisper's 30 s window (as accurate, several times cheaper; suspect decodes are verified in full); full encodes all 30 s every time."""
     max_backlog_s: float = Field(60.0, ge=5, le=600)
     """Audio one stream may have waiting for recognition; beyond it the oldest is dropped, counted and logged."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired(cls, data: Any) -> Any:
+        """Keys of earlier versions keep working: the fitted window is gone (it cost accuracy)."""
+        if isinstance(data, dict):
+            data = dict(data)
+            if data.pop("final_budget_s", None) is not None:
+                log.warning("asr.final_budget_s is no longer used (finals are never decoded in a shrunk window)")
+            if data.get("window") in ("auto", "fit"):
+                log.warning('asr.window = "%s" is no longer offered; using "shared"', data["window"])
+                data["window"] = "shared"
+        return data
 
     @field_validator("language")
     @classmethod

@@ -1,9 +1,15 @@
-"""``edgevoice transcribe FILE.wav``: a file through the daemon's own streaming recognizer, at full speed.
+"""``edgevoice transcribe FILE.wav``: a file through the daemon's own streaming recognizer, deterministically.
 
 The audio is fed in 100 ms chunks to the same :class:`WhisperRecognizer` the daemon
-uses (VAD, endpointing, partials, stability rule, batched decode, diarization), as
-fast as the recognizer takes it; the finals are printed with their speaker, and the
-keyword events they would fire (each event at most once, as for one customer).
+uses (VAD, endpointing, hypotheses, commit rule, batched decode, diarization); after
+each chunk the recognizer's cycles run to completion in a worker thread
+(:meth:`Scheduler.drain`): every hypothesis a long utterance is committed from is
+decoded, and nothing depends on the clock, so the same file gives the same text on
+every run whatever the machine's load (as the daemon does on an idle box). The finals
+are printed with their speaker, and the keyword events they would fire (each event at
+most once, as for one customer). With speaker labels, audio is fed no faster than the
+diarizer keeps up, so labels are those of real time (they may differ between runs;
+the text does not).
 """
 
 from __future__ import annotations
@@ -14,20 +20,19 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edgevoice.config import Settings, load_settings
 from edgevoice.recognition.types import SAMPLE_RATE, Transcript
 
+if TYPE_CHECKING:
+    from edgevoice.recognition.recognizer import WhisperRecognizer
+
 CHUNK_S = 0.1
-MAX_AHEAD_S = 5.0
-"""Audio fed ahead of what the recognizer has taken (keeps the stream's backlog far from its limit)."""
-
-
-LABELLED_AHEAD_S = 1.2
 DIARIZER_AHEAD_S = 0.5
+"""With speaker labels: audio fed ahead of what the diarizer has processed."""
 
 
 def _diarizer_lag(stream: object) -> float:
@@ -67,29 +72,40 @@ async def transcribe_audio(
     recognizer = await asyncio.to_thread(
         WhisperRecognizer.load, settings.asr, models_dir, Metrics(), settings.diarization
     )
-    recognizer.start()
-    finals: list[Transcript] = []
-    started = time.monotonic()
     try:
-        stream = recognizer.open_stream(
-            stream_id, language=language, on_transcript=lambda t: finals.append(t) if t.final and t.text else None
-        )
-        chunk = int(CHUNK_S * SAMPLE_RATE)
-        # With speaker labels, feed no faster than diarization keeps up: a final is labelled
-        # with what the diarizer knows when it is emitted, as in the daemon at real time.
-        labelled = settings.diarization.backend != "none"
-        max_ahead = LABELLED_AHEAD_S if labelled else MAX_AHEAD_S
-        for i in range(0, len(audio), chunk):
-            stream.feed(audio[i : i + chunk])
-            while stream.lag_s > max_ahead or (labelled and _diarizer_lag(stream) > DIARIZER_AHEAD_S):
-                if not recognizer.alive:
-                    raise RuntimeError("the recognizer stopped; see the log")
-                await asyncio.sleep(0.01)
-        await stream.finish()
+        return await transcribe_with(recognizer, audio, language=language, stream_id=stream_id)
     finally:
         await asyncio.to_thread(recognizer.stop)
+
+
+async def transcribe_with(
+    recognizer: WhisperRecognizer, audio: np.ndarray, *, language: str | None = None, stream_id: str = "file"
+) -> tuple[list[Transcript], dict[str, Any]]:
+    """:func:`transcribe_audio` on a loaded recognizer that is not started (its cycles run here)."""
+    finals: list[Transcript] = []
+    started = time.monotonic()
+    drain = recognizer.scheduler.drain
+    stream = recognizer.open_stream(
+        stream_id, language=language, on_transcript=lambda t: finals.append(t) if t.final and t.text else None
+    )
+    chunk = int(CHUNK_S * SAMPLE_RATE)
+    labelled = recognizer.diarizer.name != "none"
+    try:
+        for i in range(0, len(audio), chunk):
+            stream.feed(audio[i : i + chunk])
+            await asyncio.to_thread(drain)
+            while labelled and _diarizer_lag(stream) > DIARIZER_AHEAD_S:  # noqa: ASYNC110 - polling another thread
+                await asyncio.sleep(0.01)
+        finishing = asyncio.ensure_future(stream.finish())
+        await asyncio.sleep(0)  # the stream is marked finishing
+        await asyncio.to_thread(drain)
+        await finishing
+    except BaseException:
+        stream.close()
+        raise
     elapsed = time.monotonic() - started
-    info = recognizer.engine.info
+    engine = recognizer.scheduler.engines[stream.model]
+    info = engine.info
     facts = {
         "model": info.model,
         "device": info.device,

@@ -1,31 +1,40 @@
 """The shared Whisper model and its batched decode (CTranslate2 through faster-whisper).
 
-One :class:`Engine` per daemon. :meth:`Engine.decode` takes the audio windows of
-many streams at once and runs ONE encoder call, ONE ``generate`` call and ONE
-alignment call per language for all of them: the encoder dominates the cost, and
-batching is what shares it. It is blocking and not thread-safe: only the
-recognizer's inference thread calls it.
+One :class:`Engine` per model. :meth:`Engine.decode` takes the audio of many streams
+at once and batches it: encoder calls group requests of the same window length, then
+ONE ``generate`` call per language and beam width and ONE alignment call per language
+decode them all. It is blocking and not thread-safe: only the recognizer's inference
+thread calls it.
 
-Window: Whisper was trained on 30 s windows, and faster-whisper always encodes one
-(about 0.2 s for tiny.en, 0.4 s for base on this CPU, whatever the audio length).
-CTranslate2 also accepts a shorter mel input: a request with ``full=False`` is
-encoded in a window fitted to it (rounded up to 4, 8 or 16 s, +1 s), 5-25x cheaper
-but slightly less accurate on short phrases; the scheduler decides which requests
-get the full window (``asr.window``). A fitted window occasionally makes the decoder
-loop; such a final is decoded again in the full window (``window_retries``), and a
-repetition that survives is cut to its first copy. Decoding is greedy unless
-``beam_size`` > 1, at temperature 0 with no fallback (the fallback multiplies the
-cost on noise and is what invents text).
+The window, and why it is cheap. Whisper was trained on 30 s windows: audio, then
+silence up to 30 s. Its decoder is only reliable when it sees that picture (a window
+fitted to the audio makes it loop and drop words). Encoding the silent part is most of
+the cost of a short utterance, and the encoder output of silence is the same for every
+request. So (``asr.window = "shared"``, the default) each request is encoded in a
+window fitted to its audio plus ``FIT_PAD_S`` of silence, rounded up to ``BUCKET_S``,
+and the rest of the 30 s is filled with the encoder output of silence computed once at
+start-up and shared by every decode. The decoder sees a full 30 s window; the encoder
+only computes the speech. Every request is decoded on its own encoder output: nothing
+of one stream can appear in another's text.
+
+Verification: a decode that loops (a phrase repeated), runs past ``MAX_TOKENS_PER_S``,
+leaves the end of the VAD's speech without words, or is empty on clear speech is
+decoded again in the true full 30 s window (``verify``; counted in ``window_retries``),
+whatever the load. A repetition that survives is cut to its first copy. Decoding is at
+temperature 0 with no fallback (the fallback multiplies the cost on noise and is what
+invents text).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -38,12 +47,16 @@ log = logging.getLogger(__name__)
 HOP = 160
 """Audio samples per mel frame."""
 FULL_FRAMES = 3000
-"""Mel frames of Whisper's native 30 s window."""
-FIT_BUCKETS_S = (4, 8, 16)
-"""Window lengths that share an encoder call in the fit window (longer ones go together up to 30 s)."""
-ATTENTION_BUDGET_WINDOWS = 4
-"""Most full 30 s windows per encoder call (about 55 MB of attention each for tiny, 75 MB for base); shorter
-windows get proportionally more. Bounds the memory of a call whatever the batch."""
+"""Mel frames of Whisper's native 30 s window (the encoder halves them)."""
+FIT_PAD_S = 1.0
+"""Silence encoded after the audio in a shared window (the encoder sees where the speech ends)."""
+BUCKET_S = 2
+"""Encoded lengths are rounded up to a multiple of this: requests of one length share an encoder call,
+and a request's encoder input depends on its own audio only, never on what it is batched with."""
+ENCODE_BUDGET_S = 120.0
+"""Most seconds of audio per encoder call (attention memory grows with the square of the window)."""
+GENERATE_BATCH = 16
+"""Most requests per generate call."""
 MAX_TOKENS_PER_S = 12
 """Generated tokens allowed per second of audio (speech rarely exceeds ~8); more means a loop."""
 NO_SPEECH_THRESHOLD = 0.6
@@ -51,6 +64,14 @@ LOGPROB_THRESHOLD = -1.0
 """Whisper's own rule: no_speech_prob above AND mean log-probability below -> nothing was said."""
 SURE_NO_SPEECH = 0.85
 """no_speech_prob above which the text is dropped whatever its probability (tiny.en says "you" on silence at 0.99)."""
+UNCOVERED_S = 1.0
+"""Speech (by the VAD) this long after the last decoded word means the decoder stopped early: it goes on."""
+MAX_CONTINUATIONS = 3
+"""Most times a decode that stopped before the speech did is continued from its last word."""
+PREVIOUS_CHARS = 200
+"""Text a continuation is conditioned on."""
+EMPTY_SPEECH_S = 1.0
+"""An empty decode of at least this much VAD speech is verified in the full window."""
 _PREPEND = "\"'“¿([{-"
 _APPEND = "\"'.。,，!！?？:：”)]}、"
 
@@ -61,19 +82,23 @@ class EngineError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class DecodeRequest:
-    """One window of one stream."""
+    """One piece of audio of one stream."""
 
     audio: np.ndarray
     """16 kHz mono float32, at most 30 s."""
     language: str | None
     """Language code; None detects it (multilingual models only)."""
     beam_size: int = 1
-    retry: bool = True
-    """Decode again in the full window when the short one loops (finals); partials just cut the loop."""
+    verify: bool = True
+    """Decode again in the full window when the shared-window decode looks wrong (finals)."""
     words: bool = True
-    """Compute word timestamps (an alignment pass, about a quarter of the cost of a short window)."""
-    full: bool = False
-    """Encode Whisper's full 30 s window instead of one fitted to the audio."""
+    """Compute word timestamps (an alignment pass)."""
+    speech_s: float = 0.0
+    """Seconds of VAD speech in ``audio`` (0: unknown; verification then skips the speech checks)."""
+    speech_end_s: float | None = None
+    """Where the VAD's last speech ends in ``audio`` (for the coverage check); None: unknown."""
+    previous: str = ""
+    """Text said just before ``audio`` in the same utterance (the decoder is conditioned on it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +121,7 @@ class Decoded:
     no_speech_prob: float = 0.0
     avg_logprob: float = 0.0
     retried: bool = False
+    """Decoded again in the full window after the shared-window decode failed verification."""
     tokens: list[int] = field(default_factory=list)
 
 
@@ -126,15 +152,6 @@ def pick_compute_type(configured: str, device: str) -> str:
     if configured != "auto":
         return configured
     return "int8_float16" if device == "cuda" else "int8"
-
-
-def _per_call(window_s: float) -> int:
-    """Windows per encoder call: self-attention memory grows with the square of the window length."""
-    return max(1, int(ATTENTION_BUDGET_WINDOWS * (30 / window_s) ** 2))
-
-
-def _chunks(items: list[int], size: int) -> list[list[int]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _tandem(tokens: list[int], accept: Callable[[int, int], bool], max_period: int = 40) -> int | None:
@@ -175,39 +192,72 @@ def looks_looped(tokens: list[int]) -> bool:
     return _tandem(tokens, _is_suspect) is not None
 
 
+def encoded_frames(samples: int, full: bool) -> int:
+    """Mel frames a request of ``samples`` is encoded in (a function of its length alone)."""
+    if full:
+        return FULL_FRAMES
+    seconds = math.ceil((samples / SAMPLE_RATE + FIT_PAD_S) / BUCKET_S) * BUCKET_S
+    return min(FULL_FRAMES, seconds * 100)
+
+
+def _chunks(items: list[int], size: int) -> list[list[int]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+@dataclass(slots=True)
+class _Work:
+    """One request on its way through encode, generate, verify and align."""
+
+    request: DecodeRequest
+    frames: int = 0
+    encoded: np.ndarray | None = None
+    """Encoder output, always 1500 frames (the shared tail spliced on)."""
+    result: Decoded | None = None
+    suspect: str = ""
+    """Why verification wants a full-window decode (empty: it does not)."""
+    retried: bool = False
+
+
 class Engine:
     """A loaded Whisper model and its batched decode."""
 
-    def __init__(self, model: object, info: EngineInfo, settings: AsrSettings) -> None:
+    def __init__(self, model: Any, info: EngineInfo, settings: AsrSettings) -> None:
         from faster_whisper.tokenizer import _LANGUAGE_CODES
 
         self.model = model
         self.info = info
         self.settings = settings
         self.languages: frozenset[str] = frozenset(_LANGUAGE_CODES) if info.multilingual else frozenset({"en"})
-        self._tokenizers: dict[str, object] = {}
-        self._suppress: tuple[int, ...] | None = None
+        self._tokenizers: dict[str, Any] = {}
+        self._suppress: list[int] | None = None
+        self._silence: np.ndarray | None = None
+        """Encoder output of a silent 30 s window: the shared tail of every shared window."""
         self.window_retries = 0
-        """Items decoded again in the full window after looping in a short one."""
+        """Requests decoded again in the full window after failing verification."""
         self.full_windows = 0
-        """Windows decoded in the full 30 s window (requested or retried)."""
-        self.full_window_s = 0.0
-        """Seconds one full-window decode takes here (moving average; measured at load, then as it runs)."""
+        """Requests encoded in the full 30 s window (asr.window = "full", or retried)."""
+        self.decoded = 0
+        """Requests decoded."""
+        self.continuations = 0
+        """Decodes continued after the decoder stopped before the speech did."""
+        self.encoded_s = 0.0
+        """Seconds of audio window encoded (the encoder's work)."""
 
     @classmethod
-    def load(cls, settings: AsrSettings, models_dir: Path) -> Engine:
-        """Resolve, verify and load the configured model (blocking: call it off the event loop)."""
+    def load(cls, settings: AsrSettings, models_dir: Path, model: str | None = None) -> Engine:
+        """Resolve, verify and load ``model`` (default ``asr.model``); blocking: call it off the event loop."""
         from faster_whisper import WhisperModel
 
+        name = model or settings.model
         started = time.monotonic()
-        path = models.resolve(settings.model, models_dir)
+        path = models.resolve(name, models_dir)
         device = pick_device(settings.device)
         compute = pick_compute_type(settings.compute_type, device)
         if not (path / "tokenizer.json").is_file():
             # faster-whisper would fetch one from the Hugging Face hub: never at run time.
-            raise EngineError(f"model {settings.model!r} at {path}: tokenizer.json is missing")
+            raise EngineError(f"model {name!r} at {path}: tokenizer.json is missing")
         try:
-            model = WhisperModel(
+            whisper = WhisperModel(
                 str(path),
                 device=device,
                 device_index=settings.device_index,
@@ -216,53 +266,48 @@ class Engine:
                 local_files_only=True,
             )
         except (RuntimeError, ValueError) as exc:
-            raise EngineError(f"model {settings.model!r} ({device}, {compute}): cannot load it: {exc}") from exc
+            raise EngineError(f"model {name!r} ({device}, {compute}): cannot load it: {exc}") from exc
         info = EngineInfo(
-            model=settings.model,
+            model=name,
             path=str(path),
             device=device,
             compute_type=compute,
-            multilingual=bool(model.model.is_multilingual),
+            multilingual=bool(whisper.model.is_multilingual),
             load_s=time.monotonic() - started,
         )
-        engine = cls(model, info, settings)
+        engine = cls(whisper, info, settings)
         engine.warm_up()
         log.info(
-            "model %s loaded from %s (%s, %s) in %.2f s; a full-window decode takes %.2f s",
+            "model %s loaded from %s (%s, %s, window %s) in %.2f s",
             info.model,
             path,
             device,
             compute,
+            settings.window,
             time.monotonic() - started,
-            engine.full_window_s,
         )
         return engine
 
-    def _full_cost(self, seconds: float, items: int) -> None:
-        self.full_windows += items
-        per_item = seconds / max(1, items)
-        self.full_window_s = per_item if not self.full_window_s else 0.7 * self.full_window_s + 0.3 * per_item
-
     def warm_up(self) -> None:
-        """One full-window decode of silence: first-call set-up cost paid at start-up, and its cost measured."""
+        """Encode the shared silent window, then decode once (first-call set-up costs paid at start-up)."""
+        feats = self._features([np.zeros(0, dtype=np.float32)], FULL_FRAMES)
+        self._silence = self._encode(feats)[0]
         language = "en" if not self.info.multilingual else (self.settings.language or "en")
-        request = DecodeRequest(np.zeros(SAMPLE_RATE, dtype=np.float32), language, full=True, words=True)
-        self.decode([request])  # the first call pays one-off set-up costs
-        self.full_window_s = 0.0
-        self.full_windows = 0
-        self.decode([request])
+        self.decode([DecodeRequest(np.zeros(SAMPLE_RATE, dtype=np.float32), language, words=True)])
+        self.window_retries = self.full_windows = self.decoded = self.continuations = 0
+        self.encoded_s = 0.0
 
     # -- language ---------------------------------------------------------------------------------
 
     def check_language(self, language: str | None) -> str | None:
         """The language code a stream decodes in, or None to detect it; ValueError names what is wrong."""
         if language is not None:
-            code = language.replace("_", "-").split("-")[0].lower()
+            code = language_code(language)
             if code not in self.languages:
                 if not self.info.multilingual:
                     raise ValueError(
                         f"language {language!r}: model {self.info.model!r} is English-only; "
-                        'set asr.model = "base" (multilingual) for other languages'
+                        'set asr.multilingual_model (e.g. "base") for other languages'
                     )
                 raise ValueError(f"language {language!r}: not a language Whisper knows")
             return code
@@ -270,7 +315,7 @@ class Engine:
             return "en"
         return None if self.settings.detect_language else "en"
 
-    def _tokenizer(self, language: str) -> object:
+    def _tokenizer(self, language: str) -> Any:
         tok = self._tokenizers.get(language)
         if tok is None:
             from faster_whisper.tokenizer import Tokenizer
@@ -281,83 +326,140 @@ class Engine:
 
     # -- decode -----------------------------------------------------------------------------------
 
-    def decode(self, requests: list[DecodeRequest], max_retries: int | None = None) -> list[Decoded]:
-        """Decode every request, batched; results in request order.
+    def decode(self, requests: Sequence[DecodeRequest]) -> list[Decoded]:
+        """Decode every request, batched and verified; results in request order."""
+        work = [_Work(r) for r in requests]
+        live = [w for w in work if len(w.request.audio)]
+        for w in work:
+            if not len(w.request.audio):
+                w.result = Decoded("", language=w.request.language)
+        full = self.settings.window == "full"
+        self._run(live, full=full)
+        again = [w for w in live if w.suspect and w.request.verify and not full]
+        if again:
+            for w in again:
+                log.debug("verify: %s (%r); decoding again in the full window", w.suspect, w.result and w.result.text)
+                w.retried = True
+            self.window_retries += len(again)
+            self._run(again, full=True)
+        self._continue(live)
+        self.decoded += len(live)
+        out = []
+        for w in work:
+            assert w.result is not None
+            w.result.retried = w.retried
+            out.append(w.result)
+        return out
 
-        At most ``max_retries`` looping items (in request order) are decoded again in the full
-        window; the loops of the others are cut.
-        """
-        retries_left = len(requests) if max_retries is None else max_retries
-        results: list[Decoded | None] = [None] * len(requests)
-        groups: dict[tuple[str | None, int, bool, int], list[int]] = {}
-        for i, r in enumerate(requests):
-            if len(r.audio) == 0:
-                results[i] = Decoded("", language=r.language)
-                continue
-            # Fitted windows of different lengths go in separate calls (padding costs compute).
-            fit = next((b for b in FIT_BUCKETS_S if len(r.audio) / SAMPLE_RATE + 1 <= b), 30)
-            groups.setdefault((r.language, r.beam_size, r.full, 30 if r.full else fit), []).append(i)
-        for (language, beam, full, bucket), members in groups.items():
-            for idx in _chunks(members, _per_call(bucket)):
-                started = time.monotonic()
-                out = self._decode_group([requests[i] for i in idx], language, beam, full=full)
-                if full:
-                    self._full_cost(time.monotonic() - started, len(idx))
-                retry = (
-                    [k for k, (_, looped) in enumerate(out) if looped and requests[idx[k]].retry] if not full else []
+    def _run(self, work: list[_Work], *, full: bool) -> None:
+        """Encode, generate and align ``work`` (batched); mark what verification should decode again."""
+        self._encode_all(work, full=full)
+        self._generate_all(work)
+        self._align_all([w for w in work if w.request.words])
+        for w in work:
+            w.encoded = None
+
+    def _continue(self, work: list[_Work]) -> None:
+        """Where the decoder stopped before the speech did, decode on from its last word (conditioned on
+        the text so far), as offline Whisper seeks to its last timestamp; at most MAX_CONTINUATIONS times."""
+        for _ in range(MAX_CONTINUATIONS):
+            todo = [w for w in work if w.request.verify and _uncovered(w)]
+            if not todo:
+                return
+            parts: list[tuple[_Work, _Work, float]] = []
+            for w in todo:
+                assert w.result is not None
+                seek = w.result.words[-1].end
+                r = w.request
+                rest = dataclasses.replace(
+                    r,
+                    audio=r.audio[int(seek * SAMPLE_RATE) :],
+                    speech_end_s=None if r.speech_end_s is None else r.speech_end_s - seek,
+                    speech_s=0.0,
+                    previous=(r.previous + " " + w.result.text).strip()[-PREVIOUS_CHARS:],
                 )
-                retry = retry[: max(0, retries_left)]
-                retries_left -= len(retry)
-                for k in retry:
-                    log.debug("window retry: %r looped in a fitted window", out[k][0].text)
-                for part in _chunks(retry, _per_call(30)):
-                    self.window_retries += len(part)
-                    started = time.monotonic()
-                    again = self._decode_group([requests[idx[k]] for k in part], language, beam, full=True)
-                    self._full_cost(time.monotonic() - started, len(part))
-                    for k, res in zip(part, again, strict=True):
-                        res[0].retried = True
-                        out[k] = res
-                for k, (res, _) in enumerate(out):
-                    results[idx[k]] = res
-        return [r if r is not None else Decoded("") for r in results]
+                parts.append((w, _Work(rest), seek))
+            self.continuations += len(parts)
+            self._run([p for _, p, _ in parts], full=self.settings.window == "full")
+            for w, part, seek in parts:
+                assert w.result is not None and part.result is not None
+                if not part.result.words:  # nothing more to hear: stop here
+                    w.request = dataclasses.replace(w.request, speech_end_s=None)
+                    continue
+                w.result.text = (w.result.text + " " + part.result.text).strip()
+                w.result.tokens += part.result.tokens
+                w.result.words += [
+                    DecodedWord(x.text, round(x.start + seek, 3), round(x.end + seek, 3), x.probability)
+                    for x in part.result.words
+                ]
 
-    def _features(self, audios: list[np.ndarray], full: bool) -> tuple[np.ndarray, list[int]]:
-        longest = max(len(a) for a in audios)
-        frames = FULL_FRAMES if full else min(FULL_FRAMES, math.ceil(longest / SAMPLE_RATE + 1.0) * 100)
+    def _features(self, audios: list[np.ndarray], frames: int) -> np.ndarray:
         n = frames * HOP
         feats = []
         for a in audios:
             padded = np.zeros(n, dtype=np.float32)
             padded[: min(len(a), n)] = a[:n]
             feats.append(self.model.feature_extractor(padded)[:, :frames])
-        num_frames = [max(1, min(frames, len(a) // HOP)) for a in audios]
-        return np.ascontiguousarray(np.stack(feats)), num_frames
+        return np.ascontiguousarray(np.stack(feats))
 
-    def _decode_group(
-        self, requests: list[DecodeRequest], language: str | None, beam: int, *, full: bool
-    ) -> list[tuple[Decoded, bool]]:
-        from faster_whisper.transcribe import get_ctranslate2_storage, get_suppressed_tokens
+    def _encode(self, feats: np.ndarray) -> np.ndarray:
+        from faster_whisper.transcribe import get_ctranslate2_storage
+
+        return np.asarray(self.model.model.encode(get_ctranslate2_storage(feats), to_cpu=True))
+
+    def _encode_all(self, work: list[_Work], *, full: bool) -> None:
+        """Encoder output for every request: one call per window length (and memory budget)."""
+        assert self._silence is not None
+        by_frames: dict[int, list[_Work]] = {}
+        for w in work:
+            w.frames = encoded_frames(len(w.request.audio), full)
+            by_frames.setdefault(w.frames, []).append(w)
+        for frames, group in by_frames.items():
+            per_call = max(1, int(ENCODE_BUDGET_S * 100 / frames))
+            for i in range(0, len(group), per_call):
+                part = group[i : i + per_call]
+                encoded = self._encode(self._features([w.request.audio for w in part], frames))
+                self.encoded_s += len(part) * frames / 100
+                if frames == FULL_FRAMES:
+                    self.full_windows += len(part)
+                for w, enc in zip(part, encoded, strict=True):
+                    w.encoded = enc if frames == FULL_FRAMES else np.concatenate([enc, self._silence[frames // 2 :]])
+
+    def _generate_all(self, work: list[_Work]) -> None:
+        """One generate call per language, beam width and prompt length (CTranslate2 needs them equal)."""
+        groups: dict[tuple[str | None, int, int], list[_Work]] = {}
+        for w in work:
+            previous = self._previous_tokens(w.request)
+            groups.setdefault((w.request.language, w.request.beam_size, len(previous)), []).append(w)
+        for (language, beam, _), group in groups.items():
+            for i in range(0, len(group), GENERATE_BATCH):
+                self._generate(group[i : i + GENERATE_BATCH], language, beam)
+
+    def _previous_tokens(self, request: DecodeRequest) -> list[int]:
+        parts = [p for p in (self.settings.initial_prompt, request.previous) if p]
+        if not parts:
+            return []
+        tok = self._tokenizer(request.language or "en")
+        return list(tok.encode(" " + " ".join(p.strip() for p in parts)))[-(self.model.max_length // 2 - 1) :]
+
+    def _generate(self, work: list[_Work], language: str | None, beam: int) -> None:
+        import ctranslate2
+        from faster_whisper.transcribe import get_suppressed_tokens
 
         model = self.model
-        audios = [r.audio for r in requests]
-        feats, num_frames = self._features(audios, full)
-        encoded = model.model.encode(get_ctranslate2_storage(feats), to_cpu=False)
-        langs: list[str]
+        encoded = ctranslate2.StorageView.from_array(np.ascontiguousarray(np.stack([_encoded(w) for w in work])))
         if language is None:
-            detected = model.model.detect_language(encoded)
-            langs = [d[0][0][2:-2] for d in detected]
+            langs = [d[0][0][2:-2] for d in model.model.detect_language(encoded)]
         else:
-            langs = [language] * len(audios)
-        base_tok = self._tokenizer(langs[0])
+            langs = [language] * len(work)
         if self._suppress is None:
-            self._suppress = get_suppressed_tokens(base_tok, [-1])
-        prompt_text = self.settings.initial_prompt
-        previous = base_tok.encode(" " + prompt_text.strip()) if prompt_text else []
-        prompts = [model.get_prompt(self._tokenizer(lang), previous, without_timestamps=True) for lang in langs]
-        longest_s = max(len(a) for a in audios) / SAMPLE_RATE
-        budget = int(longest_s * MAX_TOKENS_PER_S) + 10
-        max_length = min(model.max_length, max(len(p) for p in prompts) + budget)
+            self._suppress = list(get_suppressed_tokens(self._tokenizer(langs[0]), [-1]))
+        prompts = [
+            model.get_prompt(self._tokenizer(lang), self._previous_tokens(w.request), without_timestamps=True)
+            for w, lang in zip(work, langs, strict=True)
+        ]
+        longest_s = max(len(w.request.audio) for w in work) / SAMPLE_RATE
+        max_length = min(model.max_length, len(prompts[0]) + int(longest_s * MAX_TOKENS_PER_S) + 10)
         raw = model.model.generate(
             encoded,
             prompts,
@@ -366,72 +468,89 @@ class Engine:
             return_scores=True,
             return_no_speech_prob=True,
             suppress_blank=True,
-            suppress_tokens=list(self._suppress),
+            suppress_tokens=self._suppress,
         )
-        out: list[tuple[Decoded, bool]] = []
-        token_lists: list[list[int]] = []
-        for a, lang, r in zip(audios, langs, raw, strict=True):
-            tok = self._tokenizer(lang)
-            tokens = [t for t in r.sequences_ids[0] if t < tok.eot]
-            seq_len = len(r.sequences_ids[0])
-            avg_logprob = r.scores[0] * seq_len / (seq_len + 1)
-            allowed = int(len(a) / SAMPLE_RATE * MAX_TOKENS_PER_S) + 10
-            cut = repetition_cut(tokens)
-            looped = cut is not None or len(tokens) >= allowed or (not full and looks_looped(tokens))
-            if cut is not None:
-                tokens = cut
-            tokens = tokens[:allowed]
-            silent = r.no_speech_prob > SURE_NO_SPEECH or (
-                r.no_speech_prob > NO_SPEECH_THRESHOLD and avg_logprob < LOGPROB_THRESHOLD
-            )
-            text = "" if silent else tok.decode(tokens).strip()
-            if not any(ch.isalnum() for ch in text):
-                text, tokens = "", []
-            token_lists.append(tokens)
-            out.append((Decoded(text, [], lang, float(r.no_speech_prob), float(avg_logprob), tokens=tokens), looped))
-        wanted = [tokens if r.words else [] for r, tokens in zip(requests, token_lists, strict=True)]
-        self._align(encoded, langs, wanted, num_frames, [d for d, _ in out])
-        return out
+        for w, lang, r in zip(work, langs, raw, strict=True):
+            w.result, w.suspect = self._result(w.request, lang, r)
 
-    def _align(
-        self, encoded: object, langs: list[str], tokens: list[list[int]], num_frames: list[int], out: list[Decoded]
-    ) -> None:
-        """Word timestamps from cross-attention (one align call per language in the batch)."""
+    def _result(self, request: DecodeRequest, language: str, r: Any) -> tuple[Decoded, str]:
+        """The text of one generate result, and why it is suspect (empty when it is not)."""
+        tok = self._tokenizer(language)
+        tokens = [t for t in r.sequences_ids[0] if t < tok.eot]
+        seq_len = len(r.sequences_ids[0])
+        avg_logprob = r.scores[0] * seq_len / (seq_len + 1)
+        seconds = len(request.audio) / SAMPLE_RATE
+        allowed = int(seconds * MAX_TOKENS_PER_S) + 10
+        suspect = ""
+        cut = repetition_cut(tokens)
+        if cut is not None:
+            tokens, suspect = cut, "loop"
+        elif len(tokens) >= allowed:
+            suspect = "too many tokens"
+        elif looks_looped(tokens):
+            suspect = "repetition"
+        tokens = tokens[:allowed]
+        silent = r.no_speech_prob > SURE_NO_SPEECH or (
+            r.no_speech_prob > NO_SPEECH_THRESHOLD and avg_logprob < LOGPROB_THRESHOLD
+        )
+        text = "" if silent else tok.decode(tokens).strip()
+        if not any(ch.isalnum() for ch in text):
+            text, tokens = "", []
+        if not text and not suspect and request.speech_s >= EMPTY_SPEECH_S:
+            suspect = "empty on speech"
+        decoded = Decoded(text, [], language, float(r.no_speech_prob), float(avg_logprob), tokens=tokens)
+        return decoded, suspect
+
+    def _align_all(self, work: list[_Work]) -> None:
+        """Word timestamps from cross-attention: one align call per language."""
         from faster_whisper.transcribe import merge_punctuations
 
-        if not any(tokens):
-            return
-        for lang in dict.fromkeys(langs):
-            idx = [i for i, lg in enumerate(langs) if lg == lang and tokens[i]]
-            if not idx:
-                continue
-            enc = _select(encoded, idx) if len(idx) != len(langs) else encoded
+        by_lang: dict[str, list[_Work]] = {}
+        for w in work:
+            assert w.result is not None
+            if w.result.tokens:
+                by_lang.setdefault(w.result.language or "en", []).append(w)
+        for lang, group in by_lang.items():
+            import ctranslate2
+
             tok = self._tokenizer(lang)
-            texts = [tokens[i] for i in idx]
-            alignments = self.model.find_alignment(tok, texts, enc, [num_frames[i] for i in idx])
-            for i, alignment in zip(idx, alignments, strict=True):
-                if not alignment:
-                    continue
-                merge_punctuations(alignment, _PREPEND, _APPEND)
-                limit = num_frames[i] / 100
-                out[i].words = [
-                    DecodedWord(
-                        w["word"],
-                        round(min(float(w["start"]), limit), 3),
-                        round(min(float(w["end"]), limit), 3),
-                        float(w["probability"]),
-                    )
-                    for w in alignment
-                    if w["word"].strip()
-                ]
+            for i in range(0, len(group), GENERATE_BATCH):
+                part = group[i : i + GENERATE_BATCH]
+                encoded = ctranslate2.StorageView.from_array(np.ascontiguousarray(np.stack([_encoded(w) for w in part])))
+                frames = [max(1, min(FULL_FRAMES, len(w.request.audio) // HOP)) for w in part]
+                tokens = [w.result.tokens for w in part if w.result is not None]
+                alignments = self.model.find_alignment(tok, tokens, encoded, frames)
+                for w, alignment, n in zip(part, alignments, frames, strict=True):
+                    assert w.result is not None
+                    if not alignment:
+                        continue
+                    merge_punctuations(alignment, _PREPEND, _APPEND)
+                    limit = n / 100
+                    w.result.words = [
+                        DecodedWord(
+                            a["word"],
+                            round(min(float(a["start"]), limit), 3),
+                            round(min(float(a["end"]), limit), 3),
+                            float(a["probability"]),
+                        )
+                        for a in alignment
+                        if a["word"].strip()
+                    ]
 
 
-def _select(encoded: object, idx: list[int]) -> object:
-    """Rows ``idx`` of an encoder output (mixed detected languages only)."""
-    import ctranslate2
+def _encoded(w: _Work) -> np.ndarray:
+    assert w.encoded is not None
+    return w.encoded
 
-    view = encoded
-    if getattr(view, "device", "cpu") != "cpu":
-        view = view.to_device(ctranslate2.Device.cpu)
-    array = np.asarray(view)[idx]
-    return ctranslate2.StorageView.from_array(np.ascontiguousarray(array))
+
+def _uncovered(w: _Work) -> bool:
+    """Whether the VAD heard speech well after the last decoded word (the decoder stopped early)."""
+    end = w.request.speech_end_s
+    if end is None or w.result is None or not w.result.words:
+        return False
+    return end - w.result.words[-1].end > UNCOVERED_S
+
+
+def language_code(language: str) -> str:
+    """``vi-VN`` -> ``vi``."""
+    return language.replace("_", "-").split("-")[0].lower()

@@ -3,14 +3,20 @@
 Each cycle, in ONE dedicated thread (CTranslate2 releases the GIL while it computes):
 
 1. every stream's queued audio goes through Silero VAD and endpointing (cheap:
-   about 2.5 ms per second of audio);
-2. a batch is planned: finals first, oldest first across all streams (no stream
-   starves, at most ``asr.max_batch`` decodes), then the early finals of
-   utterances whose endpoint is being awaited; then partials, the longest-waiting
-   first, only as many as fit in a time budget of ``asr.partial_interval_s``
-   estimated from the measured cost per item. Under load partials are therefore
-   skipped (counted in ``edgevoice_partials_skipped``) before finals wait;
-3. the batch is decoded with one engine call and results are sent to the loop.
+   about 2.5 ms per second of audio); a failure there is the stream's alone;
+2. a batch is planned, at most ``asr.max_batch`` decodes: forced commits of full
+   buffers first (those streams wait for them), then finals, oldest first across all
+   streams (no stream starves), then the early finals of utterances whose endpoint is
+   being awaited; then partials, the longest-waiting first, only as many as fit in a
+   time budget of ``asr.partial_interval_s`` estimated from the measured cost per item.
+   Under load partials are therefore skipped (``edgevoice_partials_skipped``) before
+   finals wait, and nothing that makes a final is ever decoded differently;
+3. the batch is decoded with one engine call per model and results are sent to the
+   loop. A failing call is split and retried so one bad request costs only its own text.
+
+:meth:`Scheduler.drain` runs the same cycles synchronously, without the thread and
+without any decision taken by the clock (every hypothesis is decoded, no early finals):
+``edgevoice transcribe`` gets the same text on every run, whatever the machine's load.
 """
 
 from __future__ import annotations
@@ -19,41 +25,35 @@ import contextlib
 import logging
 import threading
 import time
-from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from edgevoice.config import AsrSettings
 from edgevoice.metrics import Metrics
-from edgevoice.recognition.engine import DecodeRequest, Engine
-from edgevoice.recognition.stream import FinalJob, PartialJob, Stream
+from edgevoice.recognition.engine import Decoded, Engine
+from edgevoice.recognition.stream import Job, Stream
 
 log = logging.getLogger(__name__)
 
-FULL_SHARE = 0.4
-"""window = auto: most of the time finals in full windows may take at their recent rate."""
-RETRY_SHARE = 0.1
-"""Most of the time full-window retries of looping finals may take."""
-RATE_WINDOW_S = 10.0
-"""The recent rate of finals is measured over this many seconds."""
 IDLE_CYCLE_S = 0.03
 """Shortest cycle when there is nothing to decode (audio arrives in small chunks; VAD them in bulk)."""
 STALL_S = 60.0
 """A cycle older than this marks the recognizer unhealthy (a decode hung)."""
+_URGENT = {"commit": 0, "final": 1, "tentative": 2}
 
 
 @dataclass(slots=True)
 class _Item:
     stream: Stream
-    job: FinalJob | PartialJob
-    full: bool = False
-    """Decode in Whisper's full 30 s window."""
+    job: Job
 
 
 class Scheduler:
     """Owns the streams' worker-side state and the single inference thread."""
 
-    def __init__(self, engine: Engine, settings: AsrSettings, metrics: Metrics) -> None:
-        self.engine = engine
+    def __init__(self, engines: Mapping[str, Engine], settings: AsrSettings, metrics: Metrics) -> None:
+        self.engines = dict(engines)
+        """Model name -> engine; every stream names its model."""
         self.settings = settings
         self.metrics = metrics
         self._streams: dict[str, Stream] = {}
@@ -61,13 +61,13 @@ class Scheduler:
         self._wake = threading.Event()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="edgevoice-asr", daemon=True)
-        self._item_cost = 0.15  # EMA of seconds per decoded item, refined from measurements
+        self._cost = {"partial": 0.1, "final": 0.3}  # EMA of seconds per decoded item, refined as it runs
+        self._paced = True
         self.last_cycle = time.monotonic()
-        self._final_times: deque[float] = deque()  # when recent finals were decoded (arrival rate)
-        self._retry_times: deque[float] = deque()  # when recent full-window retries ran
         self.batches = 0
         self.partials_skipped = 0
         self.errors = 0
+        self._failed_streams: set[str] = set()
 
     # -- control (event loop) ----------------------------------------------------------------------
 
@@ -91,6 +91,8 @@ class Scheduler:
         self._wake.set()
 
     def add(self, stream: Stream) -> None:
+        if stream.model not in self.engines:
+            raise ValueError(f"stream {stream.stream_id!r}: no model {stream.model!r} is loaded")
         with self._lock:
             old = self._streams.get(stream.stream_id)
             if old is not None and not old.closed:
@@ -105,8 +107,20 @@ class Scheduler:
 
     @property
     def alive(self) -> bool:
-        """The thread runs and its last cycle is recent."""
+        """The thread runs and its last cycle is recent (or the scheduler is driven by drain())."""
+        if not self._paced:
+            return True
         return self._thread.is_alive() and time.monotonic() - self.last_cycle < STALL_S
+
+    def drain(self) -> None:
+        """Run cycles in the calling thread until there is nothing left to decode (never on the loop).
+
+        Deterministic: every due hypothesis is decoded and nothing is chosen by the clock. Do not
+        combine with start().
+        """
+        self._paced = False
+        while self._cycle():
+            pass
 
     # -- the thread ----------------------------------------------------------------------------------
 
@@ -128,7 +142,9 @@ class Scheduler:
                     time.sleep(rest)
 
     def _cycle(self) -> bool:
+        """One cycle; True when anything was decoded or taken (drain goes on while it is)."""
         streams = self.streams()
+        took = False
         for s in streams:
             if s.closed:
                 self._remove(s)
@@ -139,7 +155,10 @@ class Scheduler:
                     s.diarizer = factory()
                 except Exception:
                     log.exception("stream %s: diarizer failed to open; speakers are not labelled", s.stream_id)
-            s.ingest(self._dropped)
+            try:
+                took = s.ingest(self._dropped) or took
+            except Exception:
+                self._stream_failed(s, "audio processing")
         streams = [s for s in streams if not s.closed]
         for s in streams:
             self._emit_ready(s)
@@ -150,15 +169,23 @@ class Scheduler:
             self._emit_ready(s)
             s.settle()
             self.metrics.recognition_lag.labels(s.stream_id).set(s.lag_s)
-            if s.finishing and s.flushed and not s.finals and not s.closed:
+            if s.finishing and s.flushed and not s.finals and not s.blocked and not s.closed:
                 s.resolve_finish()
                 self._remove(s)
-        return bool(items)
+        return bool(items) or (took and not self._paced)
+
+    def _stream_failed(self, s: Stream, what: str) -> None:
+        """One stream's failure: counted and logged (once per stream), the other streams go on."""
+        self.errors += 1
+        if s.stream_id not in self._failed_streams:
+            self._failed_streams.add(s.stream_id)
+            log.exception("stream %s: %s failed; its audio of this cycle is lost", s.stream_id, what)
 
     def _remove(self, s: Stream) -> None:
         with self._lock:
             if self._streams.get(s.stream_id) is s:
                 del self._streams[s.stream_id]
+        self._failed_streams.discard(s.stream_id)
         if s.diarizer is not None:
             try:
                 s.diarizer.close()
@@ -171,29 +198,25 @@ class Scheduler:
         self.metrics.recognition_dropped.inc(seconds)
 
     def _plan(self, streams: list[Stream], now: float) -> list[_Item]:
+        urgent: list[tuple[int, float, int, Stream, Job]] = []
+        for i, s in enumerate(streams):
+            jobs = [j for j in s.finals if j.result is None]
+            if s.commit is not None:
+                jobs.append(s.commit)
+            if self._paced and s.tentative is not None and s.tentative.result is None:
+                jobs.append(s.tentative)
+            urgent += [(_URGENT[j.kind], j.ready, i, s, j) for j in jobs]
+        urgent.sort(key=lambda x: x[:3])
         limit = self.settings.max_batch
-        finals = sorted(
-            ((job.ready, i, s, job) for i, s in enumerate(streams) for job in s.finals if job.result is None),
-            key=lambda x: (x[0], x[1]),
-        )
-        # Then the finals of utterances whose endpoint is being awaited (decoded during the wait).
-        finals += sorted(
-            ((s.tentative.ready, i, s, s.tentative) for i, s in enumerate(streams) if s.tentative is not None),
-            key=lambda x: (x[0], x[1]),
-        )
-        finals = [f for f in finals if f[3].result is None]
-        items = [_Item(s, job) for _, _, s, job in finals[:limit]]
-        spare = self.settings.window != "fit" and self._spare(len(finals))
-        n_full = self._full_finals(len(items), spare)
-        for k, it in enumerate(items):
-            it.full = k < n_full
-        due = [s for s in streams if not s.finishing and s.partial_due(now)]
+        items = [_Item(s, job) for _, _, _, s, job in urgent[:limit]]
+        due = [s for s in streams if not s.finishing and s.partial_due(now, display=self._paced)]
         if not due:
             return items
+        if not self._paced:
+            return items + [_Item(s, s.partial_job()) for s in due[: max(0, limit - len(items))]]
         due.sort(key=lambda s: s.partial_due_since or now)
-        finals_cost = n_full * self.engine.full_window_s + (len(items) - n_full) * self._item_cost
-        budget = self.settings.partial_interval_s - finals_cost
-        room = min(limit - len(items), int(budget / max(self._item_cost, 1e-3)))
+        budget = self.settings.partial_interval_s - len(items) * self._cost["final"]
+        room = min(limit - len(items), int(budget / max(self._cost["partial"], 1e-3)))
         if not items:
             room = max(room, 1)
         chosen = due[: max(0, room)]
@@ -207,106 +230,73 @@ class Scheduler:
         return items
 
     def _decode(self, items: list[_Item]) -> None:
-        beam = self.settings.beam_size
-        requests = []
+        by_model: dict[str, list[_Item]] = {}
         for it in items:
-            if isinstance(it.job, FinalJob):
-                requests.append(
-                    DecodeRequest(it.job.audio, it.stream.language, beam, retry=True, words=True, full=it.full)
-                )
-            else:
-                words = len(it.job.audio) >= it.stream.words_from
-                requests.append(
-                    DecodeRequest(
-                        it.job.audio,
-                        it.stream.language,
-                        1,
-                        retry=False,
-                        words=words,
-                        full=self.settings.window == "full",
-                    )
-                )
-        n_final = sum(isinstance(it.job, FinalJob) for it in items)
+            by_model.setdefault(it.stream.model, []).append(it)
+        n_final = sum(it.job.kind != "partial" for it in items)
         kind = "final" if n_final == len(items) else "partial" if n_final == 0 else "mixed"
         started = time.monotonic()
-        retries = self.engine.window_retries
-        try:
-            results = self.engine.decode(requests, max_retries=self._retries_allowed())
-        except Exception:
-            self.errors += 1
-            log.exception("decode of %d window(s) failed; their finals are dropped", len(items))
-            for it in items:
-                if isinstance(it.job, FinalJob):
-                    it.job.result = _empty()
-            return
+        results: dict[int, Decoded | None] = {}
+        for model, group in by_model.items():
+            for it, res in zip(group, self._decode_isolated(self.engines[model], group), strict=True):
+                results[id(it)] = res
         elapsed = time.monotonic() - started
         self.batches += 1
         self.metrics.batch_size.labels(kind).observe(len(items))
         self.metrics.inference_seconds.labels(kind).observe(elapsed)
-        if kind == "partial":  # the partial budget is in partial (fitted, greedy) windows
-            self._item_cost = 0.7 * self._item_cost + 0.3 * (elapsed / len(items))
-        log.debug(
-            "decoded %d window(s) (%s, longest %.1f s) in %.3f s",
-            len(items),
-            kind,
-            max(len(r.audio) for r in requests) / 16000,
-            elapsed,
-        )
-        done = time.monotonic()
-        self._retry_times.extend([done] * (self.engine.window_retries - retries))
-        for it, res in zip(items, results, strict=True):
-            if isinstance(it.job, FinalJob):
-                it.job.result = res
-                self._final_times.append(done)
-        for it, res in zip(items, results, strict=True):
-            if isinstance(it.job, PartialJob):
+        if kind != "mixed":
+            key = "partial" if kind == "partial" else "final"
+            self._cost[key] = 0.7 * self._cost[key] + 0.3 * (elapsed / len(items))
+        log.debug("decoded %d request(s) (%s) in %.3f s", len(items), kind, elapsed)
+        for it in items:
+            res = results[id(it)]
+            job, s = it.job, it.stream
+            if job.kind == "partial":
+                continue
+            if res is None:
+                res = Decoded("")
+            if job.kind == "commit":
+                s.apply_commit(job, res)
+            else:
+                job.result = res
+        for it in items:
+            res = results[id(it)]
+            if it.job.kind == "partial" and res is not None:
                 self._emit_ready(it.stream)  # finals of earlier segments go first
                 it.stream.apply_partial(it.job, res)
 
-    def _spare(self, pending: int) -> bool:
-        """Whether full-window decodes fit: finals at their recent rate (plus those waiting now), each in
-        a full window, would take at most FULL_SHARE of the time. Otherwise they would starve partials
-        and then delay finals."""
-        cost = self.engine.full_window_s
-        if cost <= 0:
-            return False
-        now = time.monotonic()
-        while self._final_times and now - self._final_times[0] > RATE_WINDOW_S:
-            self._final_times.popleft()
-        return (len(self._final_times) + pending) / RATE_WINDOW_S * cost <= FULL_SHARE
-
-    def _retries_allowed(self) -> int:
-        """Full-window retries of looping finals are rare; they may take RETRY_SHARE of the time over
-        the last RATE_WINDOW_S (many streams looping at once get their loops cut instead)."""
-        if self.settings.window == "fit":
-            return 0
-        now = time.monotonic()
-        while self._retry_times and now - self._retry_times[0] > RATE_WINDOW_S:
-            self._retry_times.popleft()
-        budget = RETRY_SHARE * RATE_WINDOW_S / max(self.engine.full_window_s, 1e-3)
-        return max(0, int(budget) - len(self._retry_times))
-
-    def _full_finals(self, finals: int, spare: bool) -> int:
-        """How many of this batch's finals (oldest first) get Whisper's full 30 s window."""
-        window = self.settings.window
-        if window != "auto":
-            return finals if window == "full" else 0
-        if not finals or not spare:
-            return 0
-        return min(finals, int(self.settings.final_budget_s / self.engine.full_window_s))
+    def _decode_isolated(self, engine: Engine, items: list[_Item]) -> list[Decoded | None]:
+        """Decode a batch; if the call fails, split it and retry the halves, so that one bad request
+        loses only its own text (None)."""
+        requests = []
+        for it in items:
+            hypothesis = it.job.kind != "partial" or it.stream.is_hypothesis(it.job)
+            beam = self.settings.beam_size if hypothesis else 1
+            requests.append(it.job.request(it.stream.language, beam, words=hypothesis))
+        try:
+            return list(engine.decode(requests))
+        except Exception:
+            self.errors += 1
+            if len(items) == 1:
+                it = items[0]
+                log.exception(
+                    "stream %s: decode of %.1f s (%s) failed; its text is lost",
+                    it.stream.stream_id,
+                    len(it.job.audio) / 16000,
+                    it.job.kind,
+                )
+                return [None]
+            log.warning("a batch of %d decodes failed; retrying it in halves", len(items))
+            half = len(items) // 2
+            return self._decode_isolated(engine, items[:half]) + self._decode_isolated(engine, items[half:])
 
     def _emit_ready(self, s: Stream) -> None:
         """Emit the stream's leading finals whose text is known, in order."""
         while s.finals and s.finals[0].result is not None and not s.closed:
             job = s.finals.popleft()
+            assert job.result is not None
             emitted = s.apply_final(job, job.result)
             if emitted:
                 self.metrics.words.inc(sum(len(t.words) for t in emitted))
                 if job.speech_end_wall is not None:
                     self.metrics.final_latency.observe(time.monotonic() - job.speech_end_wall)
-
-
-def _empty() -> object:
-    from edgevoice.recognition.engine import Decoded
-
-    return Decoded("")

@@ -6,10 +6,26 @@ recognizer's inference thread. Results go back to the loop through
 ``loop.call_soon_threadsafe``, in order; ``finish()``'s future is resolved the same
 way after the last final, so a caller that awaited it has seen every final.
 
-Per stream the memory is bounded: the utterance buffer holds at most
-``asr.max_utterance_s`` (longer speech is committed by the stability rule or cut),
-and audio waiting for recognition (inbox + queued finals) at most
-``asr.max_backlog_s``; beyond that the oldest is dropped, counted and logged.
+Bounds per stream: the utterance buffer holds at most ``asr.max_utterance_s``; when it
+is full, the stream takes no more audio until the buffer has been committed (a forced
+commit, decoded before anything else), so audio waits in the inbox; audio waiting for
+recognition (inbox + queued finals) is at most ``asr.max_backlog_s``, beyond which the
+oldest is dropped, counted and logged. Nothing is ever cut blind: every piece of a long
+utterance ends at a word boundary chosen from a full-context decode.
+
+What makes a final (all decoded with beam ``asr.beam_size`` in a 30 s window):
+
+- an utterance that ends (``asr.min_silence_ms`` of silence) is decoded whole, as offline
+  Whisper decodes a VAD chunk;
+- during long speech, hypotheses of the whole buffer (from ``COMMIT_AFTER_S``) are compared:
+  the words two successive ones agree on, through a sentence end and at least
+  ``COMMIT_GUARD_S`` before the end of the buffer, are committed (the buffer is trimmed at
+  the quietest point between the last committed word and the next; what follows is decoded
+  conditioned on the committed text);
+- a buffer that reaches ``asr.max_utterance_s`` without that is committed from one more
+  decode of the whole buffer: every word ending ``FORCE_GUARD_S`` before its end (offline
+  Whisper's 30 s seek). Under load hypotheses are skipped, so long speech is committed this
+  way: later, never less accurately.
 """
 
 from __future__ import annotations
@@ -21,13 +37,13 @@ import re
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from edgevoice.config import AsrSettings
-from edgevoice.recognition.engine import Decoded, DecodedWord
+from edgevoice.recognition.engine import Decoded, DecodedWord, DecodeRequest
 from edgevoice.recognition.types import SAMPLE_RATE, Transcript, TranscriptCallback, Word
 from edgevoice.recognition.vad import WINDOW, EndpointConfig, Endpointer, StreamingVad
 
@@ -40,15 +56,24 @@ PAD_S = 0.2
 """Audio kept before the first and after the last speech window of an utterance."""
 MIN_SPEECH_S = 0.25
 """Shorter bursts of VAD speech are ignored (clicks, coughs)."""
-COMMIT_AFTER_S = 4.0
-"""Utterance length from which the stability rule may commit agreed words early."""
+COMMIT_AFTER_S = 6.0
+"""Buffer length from which hypotheses carry words and may commit agreed words early."""
 COMMIT_GUARD_S = 1.0
-"""Words ending this close to the end of the buffer are never committed (the next audio may change them)."""
+"""Agreed words ending this close to the end of the buffer are not committed (the next audio may change them)."""
+FORCE_GUARD_S = 1.5
+"""A forced commit keeps the words ending in the last this-many seconds of the buffer for the next piece."""
 COMMIT_MIN_WORDS = 3
 COMMIT_ANY_AT = 0.6
 """Fraction of asr.max_utterance_s from which agreed words are committed without a sentence end."""
+CUT_SLACK_S = 0.1
+"""A piece is cut at the quietest point between its last word's end and the next word's start, widened by
+this much each side (word times from cross-attention are approximate)."""
+PREVIOUS_CHARS = 200
+"""Committed text of the utterance the next piece is conditioned on (as offline Whisper's previous window)."""
 _SENTENCE_END = frozenset(".?!。？！")
 _NORM = re.compile(r"[^\w']+")
+
+JobKind = Literal["final", "tentative", "commit", "partial"]
 
 
 class StreamClosed(RuntimeError):
@@ -56,32 +81,42 @@ class StreamClosed(RuntimeError):
 
 
 @dataclass(slots=True)
-class FinalJob:
-    """A finished utterance (or committed piece) waiting for its final decode."""
+class Job:
+    """Audio of one stream waiting for a decode."""
 
+    kind: JobKind
+    """final: an ended utterance; tentative: its final decoded while the endpoint is awaited;
+    commit: a full buffer to be committed; partial: a hypothesis of the buffer so far."""
     segment: int
     start: int
     """Stream sample where ``audio`` begins."""
     audio: np.ndarray
-    speech_end_wall: float | None
-    """time.monotonic() when the last speech sample arrived (for the latency metric); None for cuts."""
+    speech_s: float
+    """Seconds of VAD speech in ``audio``."""
+    speech_end_s: float
+    """Where the last VAD speech window ends in ``audio``."""
+    previous: str
+    """Committed text of the same utterance before ``audio`` (the decoder is conditioned on it)."""
     ready: float
     """time.monotonic() when it was queued (FIFO across streams)."""
+    speech_end_wall: float | None = None
+    """time.monotonic() when the last speech sample arrived (the latency metric); None when not an endpoint."""
     result: Decoded | None = None
-    """Already known (committed by the stability rule from a partial): emitted without a decode."""
+    """Known text: emitted in order without a decode."""
 
-
-@dataclass(slots=True)
-class PartialJob:
-    segment: int
-    start: int
-    audio: np.ndarray
-
-
-@dataclass(slots=True)
-class _Hypothesis:
-    segment: int
-    words: list[DecodedWord] = field(default_factory=list)
+    def request(self, language: str | None, beam: int, *, words: bool) -> DecodeRequest:
+        """What the engine decodes; finals (not partials) are verified and checked for coverage."""
+        final = self.kind != "partial"
+        return DecodeRequest(
+            self.audio,
+            language,
+            beam,
+            verify=final,
+            words=words,
+            speech_s=self.speech_s,
+            speech_end_s=self.speech_end_s if final else None,
+            previous=self.previous,
+        )
 
 
 def _norm(word: str) -> str:
@@ -98,17 +133,19 @@ class Stream:
         on_transcript: TranscriptCallback,
         loop: asyncio.AbstractEventLoop,
         settings: AsrSettings,
-        wake: object,
+        wake: Callable[[], None],
+        model: str = "",
     ) -> None:
         self.stream_id = stream_id
         self.language = language
+        self.model = model
+        """The engine (model name) this stream decodes with."""
         self._on_transcript = on_transcript
         self._loop = loop
         self._wake = wake
         self.settings = settings
         # --- shared with the loop (single writer each) ---
         self._inbox: deque[tuple[np.ndarray | None, int, float]] = deque()
-        self._inbox_samples = 0  # written by the loop only (approximate for the backlog check)
         self._received = 0  # loop
         self._taken = 0  # worker: samples popped from the inbox
         self._done = 0  # worker: samples recognized (final, silence, or covered by a partial)
@@ -128,32 +165,38 @@ class Stream:
                 pad_windows=max(1, round(PAD_S * SAMPLE_RATE / WINDOW)),
             )
         )
-        self._clock = 0  # samples through the VAD
+        self._clock = 0  # samples through the endpointer
+        self._held: deque[tuple[np.ndarray, np.ndarray, float]] = deque()
+        """VAD-processed windows waiting while the buffer is full (a forced commit is pending)."""
         self._preroll: deque[tuple[np.ndarray, float]] = deque(maxlen=self._ep.config.pad_windows)
-        cap = int((settings.max_utterance_s + 2 * PAD_S) * SAMPLE_RATE) + 2 * WINDOW
+        self._max_utt = int(settings.max_utterance_s * SAMPLE_RATE) // WINDOW * WINDOW
+        cap = self._max_utt + 2 * WINDOW
         self._buf = np.zeros(cap, dtype=np.float32)
         self._probs = np.zeros(cap // WINDOW + 1, dtype=np.float32)  # VAD probability per buffered window
-        self._max_utt = int(settings.max_utterance_s * SAMPLE_RATE)
         self._len = 0
         self._utt_start = 0
         self._segment = 0
         self._next_segment = 0
+        self._previous = ""
         self._last_speech_wall = 0.0
         self._partial_len = 0  # buffer length at the last partial request
         self._speech_len = 0  # buffer length at the last speech window
-        self.tentative: FinalJob | None = None
+        self.tentative: Job | None = None
         """The final this utterance will have if the silence that began goes on to the endpoint: decoded
         while the endpoint is awaited, emitted at once when it is confirmed (dropped if speech resumes)."""
+        self.commit: Job | None = None
+        """The forced commit of a full buffer (the stream takes no audio until it is applied)."""
         self.partial_due_since: float | None = None
         self._partial_covered = 0  # stream sample up to which the current piece has a partial
         self._partial_text: dict[int, str] = {}
-        self._hyp: _Hypothesis | None = None
-        self.finals: deque[FinalJob] = deque()
-        self.words_from = int(max(0.0, COMMIT_AFTER_S - 2 * settings.partial_interval_s) * SAMPLE_RATE)
-        """Partials of at least this many samples get word timestamps (the stability rule compares them)."""
+        self._hyp: tuple[int, list[DecodedWord]] | None = None
+        """The last hypothesis with words: (segment, words)."""
+        self.finals: deque[Job] = deque()
+        interval = int(settings.partial_interval_s * SAMPLE_RATE)
+        self.words_from = max(interval, int(COMMIT_AFTER_S * SAMPLE_RATE) - interval)
+        """Partials of at least this many samples are hypotheses: beam, word timestamps, compared for commits."""
         self.flushed = False
         self.dropped_s = 0.0
-        self.words_emitted = 0
 
     # ---------------------------------------------------------------- event loop side
 
@@ -213,7 +256,7 @@ class Stream:
 
     # ---------------------------------------------------------------- inference thread side
 
-    def post(self, fn: object, *args: object) -> None:
+    def post(self, fn: Callable[..., object], *args: object) -> None:
         """Run ``fn(*args)`` on the event loop (in order)."""
         with contextlib.suppress(RuntimeError):  # loop closed during shutdown
             self._loop.call_soon_threadsafe(fn, *args)
@@ -221,12 +264,20 @@ class Stream:
     def emit(self, transcript: Transcript) -> None:
         self.post(self._deliver, transcript)
 
-    def ingest(self, on_drop: object) -> bool:
+    @property
+    def blocked(self) -> bool:
+        """The buffer is full: no audio is taken until the forced commit is applied."""
+        return self.commit is not None
+
+    def ingest(self, on_drop: Callable[[Stream, float], None]) -> bool:
         """Take queued audio through VAD and endpointing; True when anything was taken."""
         if self._vad is None:
             self._vad = StreamingVad()
         took = False
-        while self._inbox:
+        while self._held and not self.blocked:
+            windows, probs, wall = self._held.popleft()
+            self._windows(windows, probs, wall)
+        while self._inbox and not self.blocked:
             audio, n, wall = self._inbox.popleft()
             self._taken += n
             took = True
@@ -241,16 +292,17 @@ class Stream:
                     self.diarizer = None
             windows, probs = self._vad.process(audio)
             self._windows(windows, probs, wall)
-        if self.finishing and not self.flushed and not self._inbox:
+        if self.finishing and not self.flushed and not self._inbox and not self._held and not self.blocked:
             windows, probs = self._vad.flush()
             self._windows(windows, probs, time.monotonic())
-            if self._ep.in_speech:
-                self._end_utterance(self._len, forced=True)
-            self.flushed = True
+            if not self.blocked:
+                if self._ep.in_speech:
+                    self._end_utterance(self._len, forced=True)
+                self.flushed = True
         self._bound_backlog(on_drop)
         return took
 
-    def _gap(self, n: int, on_drop: object) -> None:
+    def _gap(self, n: int, on_drop: Callable[[Stream, float], None]) -> None:
         """Samples dropped at feed time: end any utterance and move the clock past them."""
         if self._ep.in_speech:
             self._end_utterance(self._len, forced=True)
@@ -262,29 +314,35 @@ class Stream:
             self.diarizer.skip(n)  # keep speaker times aligned with the stream clock
         self._drop(n / SAMPLE_RATE, on_drop)
 
-    def _drop(self, seconds: float, on_drop: object) -> None:
+    def _drop(self, seconds: float, on_drop: Callable[[Stream, float], None]) -> None:
         self.dropped_s += seconds
         on_drop(self, seconds)
 
     def _windows(self, windows: np.ndarray, probs: np.ndarray, wall: float) -> None:
         ep = self._ep
-        for window, prob in zip(windows, probs, strict=True):
-            state = ep.step(float(prob))
+        for i, (window, p) in enumerate(zip(windows, probs, strict=True)):
+            if ep.in_speech and self._len + WINDOW > self._max_utt:
+                self._force_commit()
+                self._held.appendleft((windows[i:], probs[i:], wall))
+                return
+            prob = float(p)
+            state = ep.step(prob)
             if state == Endpointer.SILENCE:
-                self._preroll.append((window, float(prob)))
+                self._preroll.append((window, prob))
             elif state == Endpointer.START:
                 pre = list(self._preroll)
                 self._preroll.clear()
                 self._utt_start = self._clock - len(pre) * WINDOW
                 self._len = 0
-                for w, p in pre:
-                    self._append(w, p)
-                self._append(window, float(prob))
+                self._previous = ""
+                for w, q in pre:
+                    self._append(w, q)
+                self._append(window, prob)
                 self._new_segment()
                 self._last_speech_wall = wall
                 self._speech_len = self._len
             else:
-                self._append(window, float(prob))
+                self._append(window, prob)
                 if prob >= ep.config.threshold:
                     self._last_speech_wall = wall
                     self._speech_len = self._len
@@ -297,8 +355,6 @@ class Stream:
                     tail = self._tail_windows(ep.config.pad_windows)
                     self._end_utterance(self._len - max(0, keep), forced=False)
                     self._preroll.extend(tail)
-                elif self._len >= self._max_utt:
-                    self._cut()
             self._clock += WINDOW
 
     def _append(self, window: np.ndarray, prob: float) -> None:
@@ -322,13 +378,28 @@ class Stream:
         self._hyp = None
         self._partial_covered = self._utt_start
 
+    def _job(self, kind: JobKind, end: int | None = None, speech_end_wall: float | None = None) -> Job:
+        """A job for the buffer's first ``end`` samples (all of it by default)."""
+        end = self._len if end is None else end
+        n = end // WINDOW
+        speech = int(np.count_nonzero(self._probs[:n] >= self._ep.config.threshold)) * WINDOW
+        return Job(
+            kind,
+            self._segment,
+            self._utt_start,
+            self._buf[:end].copy(),
+            speech / SAMPLE_RATE,
+            min(self._speech_len, end) / SAMPLE_RATE,
+            self._previous,
+            time.monotonic(),
+            speech_end_wall,
+        )
+
     def _speculate(self) -> None:
         """Speech may have ended: its final's audio (speech + pad) is known now; decode it early."""
         ep = self._ep
         if ep.speech_windows >= ep.config.min_speech_windows:
-            self.tentative = FinalJob(
-                self._segment, self._utt_start, self._buf[: self._len].copy(), self._last_speech_wall, time.monotonic()
-            )
+            self.tentative = self._job("tentative", speech_end_wall=self._last_speech_wall)
 
     def _end_utterance(self, end: int, *, forced: bool) -> None:
         """Queue the current utterance for its final decode (or drop a blip)."""
@@ -341,41 +412,27 @@ class Stream:
             and tentative.start == self._utt_start
             and len(tentative.audio) == end
         ):
+            tentative.kind = "final"
             self.finals.append(tentative)  # already decoded, or decoded as a final now
         elif ep.speech_windows >= ep.config.min_speech_windows and end > 0:
-            self.finals.append(
-                FinalJob(
-                    self._segment,
-                    self._utt_start,
-                    self._buf[:end].copy(),
-                    None if forced else self._last_speech_wall,
-                    time.monotonic(),
-                )
-            )
+            self.finals.append(self._job("final", end, None if forced else self._last_speech_wall))
         elif self._partial_text.get(self._segment):
             # A partial was shown for what turned out to be no speech: withdraw it (in order, after
             # the finals still queued).
-            self.finals.append(
-                FinalJob(self._segment, self._utt_start, self._buf[:0].copy(), None, time.monotonic(), Decoded(""))
-            )
+            job = self._job("final", 0)
+            job.result = Decoded("")
+            self.finals.append(job)
         self._len = 0
         self.partial_due_since = None
         self._hyp = None
         ep.reset()
 
-    def _cut(self) -> None:
-        """The utterance reached asr.max_utterance_s without a commit: finalize it and go on."""
-        ep = self._ep
-        self.finals.append(
-            FinalJob(self._segment, self._utt_start, self._buf[: self._len].copy(), None, time.monotonic())
-        )
-        self._utt_start += self._len
-        self._len = 0
-        self._speech_len = 0
-        self._new_segment()
-        ep.speech_windows = 0
+    def _force_commit(self) -> None:
+        """The buffer is full: decode it once more and commit it (see apply_commit)."""
+        if self.commit is None:
+            self.commit = self._job("commit")
 
-    def _bound_backlog(self, on_drop: object) -> None:
+    def _bound_backlog(self, on_drop: Callable[[Stream, float], None]) -> None:
         limit = self.settings.max_backlog_s * SAMPLE_RATE
         while self.finals and sum(len(j.audio) for j in self.finals) > limit:
             job = self.finals.popleft()
@@ -388,18 +445,23 @@ class Stream:
             )
             self._drop(len(job.audio) / SAMPLE_RATE, on_drop)
 
-    # --- partials
+    # --- partials and commits
 
-    def partial_due(self, now: float) -> bool:
-        """Whether a fresh partial is wanted now (speaking, enough new audio since the last one)."""
+    def partial_due(self, now: float, *, display: bool = True) -> bool:
+        """Whether a fresh partial is wanted now (speaking, enough new audio since the last one).
+
+        ``display=False`` (file transcription) wants only the hypotheses commits are made from.
+        """
         ep = self._ep
         interval = int(self.settings.partial_interval_s * SAMPLE_RATE)
         due = (
             not self.closed
+            and not self.blocked
             and ep.in_speech
             and ep.speech_windows >= ep.config.min_speech_windows
-            and self._len - self._partial_len >= interval
+            and self._len // interval > self._partial_len // interval
             and self._speech_len > self._partial_len  # nothing new to hear in trailing silence
+            and (display or self._len >= self.words_from)
         )
         if not due:
             self.partial_due_since = None
@@ -407,27 +469,30 @@ class Stream:
             self.partial_due_since = now
         return due
 
-    def partial_job(self) -> PartialJob:
+    def partial_job(self) -> Job:
         self._partial_len = self._len
         self.partial_due_since = None
-        return PartialJob(self._segment, self._utt_start, self._buf[: self._len].copy())
+        return self._job("partial")
 
-    def apply_partial(self, job: PartialJob, result: Decoded) -> None:
-        if self.closed or job.segment != self._segment or not self._ep.in_speech:
+    def is_hypothesis(self, job: Job) -> bool:
+        """A partial long enough to be compared for commits (decoded like a final, with words)."""
+        return job.kind == "partial" and len(job.audio) >= self.words_from
+
+    def apply_partial(self, job: Job, result: Decoded) -> None:
+        if self.closed or job.segment != self._segment or not self._ep.in_speech or self.blocked:
             return
         self._partial_covered = job.start + len(job.audio)
-        words = result.words
         if result.text or self._partial_text.get(job.segment):
             self._partial_text[job.segment] = result.text
-            self.emit(self._transcript(job.segment, job.start, words, result.text, len(job.audio), final=False))
-        prev = self._hyp
-        self._hyp = _Hypothesis(job.segment, list(words))
-        if prev is None or prev.segment != job.segment or len(job.audio) < COMMIT_AFTER_S * SAMPLE_RATE:
+            self.emit(self._transcript(job.segment, job.start, result.words, result.text, len(job.audio), final=False))
+        if not self.is_hypothesis(job):
             return
-        self._commit(job, prev.words, words)
+        prev, self._hyp = self._hyp, (job.segment, list(result.words))
+        if prev is not None and prev[0] == job.segment:
+            self._agree(job, prev[1], result.words)
 
-    def _commit(self, job: PartialJob, previous: list[DecodedWord], current: list[DecodedWord]) -> None:
-        """Stability rule: words two successive partials agree on, and not near the end, become final."""
+    def _agree(self, job: Job, previous: list[DecodedWord], current: list[DecodedWord]) -> None:
+        """Commit the words two successive hypotheses agree on, through a sentence end, not near the end."""
         agreed = 0
         for a, b in zip(previous, current, strict=False):
             if _norm(a.text) != _norm(b.text) or not _norm(b.text):
@@ -437,27 +502,53 @@ class Stream:
         k = 0
         while k < agreed and k + 1 < len(current) and current[k].end <= limit:
             k += 1
-        # Commit through the last sentence end; any agreed words only when the buffer nears its limit.
         ends = [j + 1 for j in range(k) if current[j].text.rstrip()[-1:] in _SENTENCE_END]
         if ends and ends[-1] >= COMMIT_MIN_WORDS:
             k = ends[-1]
         elif self._len < COMMIT_ANY_AT * self._max_utt or k < COMMIT_MIN_WORDS:
             return
-        committed, following = current[:k], current[k]
-        cut = self._quietest(committed[-1].end - 0.15, following.start + 0.15, limit)
+        self._commit_words(current, k, limit)
+
+    def apply_commit(self, job: Job, result: Decoded) -> None:
+        """A full buffer's decode: commit every word ending FORCE_GUARD_S before its end; go on with the rest."""
+        self.commit = None
+        if self.closed or job.segment != self._segment:
+            return
+        words = result.words
+        limit = len(job.audio) / SAMPLE_RATE - FORCE_GUARD_S
+        k = 0
+        while k < len(words) and words[k].end <= limit:
+            k += 1
+        if k and k < len(words):
+            # End the piece at the last sentence end in its second half, if there is one.
+            ends = [j + 1 for j in range(k // 2, k) if words[j].text.rstrip()[-1:] in _SENTENCE_END]
+            k = ends[-1] if ends else k
+        self._commit_words(words, k, limit)
+
+    def _commit_words(self, words: list[DecodedWord], k: int, limit_s: float) -> None:
+        """Finalize ``words[:k]`` and trim the buffer at the quietest point after them (before ``limit_s``
+        when nothing follows); with k == 0, trim at the quietest point before ``limit_s`` (nothing was said)."""
+        if k:
+            lo = words[k - 1].end - CUT_SLACK_S
+            hi = words[k].start + CUT_SLACK_S if k < len(words) else max(limit_s, words[k - 1].end + CUT_SLACK_S)
+        else:
+            lo, hi = max(0.0, limit_s - 2.0), limit_s
+        cut = self._quietest(lo, hi, self._len / SAMPLE_RATE)
         if cut <= 0:
             return
+        committed = words[:k]
         text = "".join(w.text for w in committed).strip()
-        result = Decoded(text, list(committed), language=self.language)
-        self.finals.append(
-            FinalJob(self._segment, self._utt_start, self._buf[:cut].copy(), None, time.monotonic(), result)
-        )
+        job = self._job("commit", cut)
+        job.result = Decoded(text, committed, language=self.language)
+        self.finals.append(job)
         remaining = self._len - cut
         self._buf[:remaining] = self._buf[cut : self._len]
         self._probs[: remaining // WINDOW] = self._probs[cut // WINDOW : self._len // WINDOW]
         self._len = remaining
         self._speech_len = max(0, self._speech_len - cut)
         self._utt_start += cut
+        if text:
+            self._previous = (self._previous + " " + text).strip()[-PREVIOUS_CHARS:]
         self._new_segment()
         self._ep.speech_windows = max(self._ep.speech_windows, self._ep.config.min_speech_windows)
 
@@ -472,19 +563,13 @@ class Stream:
 
     # --- finals
 
-    def apply_final(self, job: FinalJob, result: Decoded) -> list[Transcript]:
+    def apply_final(self, job: Job, result: Decoded) -> list[Transcript]:
         """Emit the final of ``job``; returns what was emitted (after diarization)."""
-        end = job.start + len(job.audio)
-        emitted = self._emit_final(job.segment, job.start, result.words, result.text, job.start, end)
-        self._partial_text.pop(job.segment, None)
-        return emitted
-
-    def _emit_final(
-        self, segment: int, start: int, words: list[DecodedWord], text: str, first: int, last: int
-    ) -> list[Transcript]:
-        if not text and not self._partial_text.get(segment):
+        text = result.text
+        shown = self._partial_text.pop(job.segment, None)
+        if not text and not shown:
             return []
-        t = self._transcript(segment, start, words, text, last - start, final=True)
+        t = self._transcript(job.segment, job.start, result.words, text, len(job.audio), final=True)
         parts = [t]
         if self.diarizer is not None and text:
             try:
@@ -493,7 +578,6 @@ class Stream:
                 log.exception("stream %s: diarizer split failed; final kept unlabelled", self.stream_id)
         for p in parts:
             self.emit(p)
-        self.words_emitted += len(t.words)
         return parts
 
     def _transcript(

@@ -10,6 +10,7 @@ the recognizer's inference thread.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -18,7 +19,7 @@ WINDOW = 512
 _CONTEXT = 64
 
 
-def _session() -> object:
+def _session() -> Any:
     from faster_whisper.vad import get_vad_model
 
     return get_vad_model().session

@@ -84,3 +84,31 @@ def wer(reference: str, hypothesis: str) -> float:
         ]
     )
     return float(jiwer.wer(reference, hypothesis, reference_transform=tf, hypothesis_transform=tf))
+
+
+def trim(audio: np.ndarray, threshold: float = 0.01, keep_s: float = 0.05) -> np.ndarray:
+    """``audio`` without its leading and trailing silence (``keep_s`` kept each side)."""
+    loud = np.flatnonzero(np.abs(audio) > threshold)
+    if not loud.size:
+        return audio
+    keep = int(keep_s * RATE)
+    return audio[max(0, loud[0] - keep) : loud[-1] + 1 + keep]
+
+
+def continuous_turn(lines: list[tuple[str, dict[str, object]]], gap_s: float = 0.12) -> np.ndarray:
+    """Lines spoken back to back by their voices (``synth`` keyword arguments), with gaps too short
+    for any endpoint: one utterance however long."""
+    gap = silence(gap_s)
+    parts = []
+    for text, voice in lines:
+        parts += [trim(synth(text, **voice)), gap]  # type: ignore[arg-type]
+    return np.concatenate([silence(0.3), *parts[:-1], silence(1.0)])
+
+
+def offline_text(model_dir: Path, audio: np.ndarray, language: str, beam_size: int = 5) -> str:
+    """What plain offline faster-whisper (its own VAD, same int8 model) writes for ``audio``."""
+    from faster_whisper import WhisperModel
+
+    model = WhisperModel(str(model_dir), device="cpu", compute_type="int8", cpu_threads=2)
+    segments, _ = model.transcribe(audio, beam_size=beam_size, language=language, vad_filter=True)
+    return " ".join(s.text.strip() for s in segments)
