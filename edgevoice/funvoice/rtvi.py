@@ -51,6 +51,7 @@ AUDIO_FRAME_BYTES = OUT_RATE * 2 // 25  # 40 ms of PCM16 mono at 24 kHz
 MAX_QUEUED_AUDIO_S = 120.0
 MAX_TRANSCRIPT_CHARS = 20000
 MAX_PENDING_TEXTS = 8
+_MIN_SLEEP_S = 0.001  # closer than this to due counts as due
 _SENTENCE_END = re.compile(r"[.!?…。！？](?=\s)")
 _ACCEPTED = (
     "client-ready, send-text, append-to-context, disconnect-bot (1.x); action llm/append_to_messages, describe-actions, "
@@ -161,7 +162,7 @@ class AudioPacer:
                 if now > self._t0 + self._sent_s:  # the client ran dry: its playback restarts with the next chunk
                     self._t0, self._sent_s = now, 0.0
                 ahead = self._t0 + self._sent_s - now - self.lead_s
-                if ahead > 0:
+                if ahead > _MIN_SLEEP_S:
                     await self._sleep(ahead)
                     continue
                 chunk = self._queue.popleft()
@@ -171,7 +172,7 @@ class AudioPacer:
                 await self._send(chunk)
             elif self.speaking and not self._turn_open:
                 left = self._t0 + self._sent_s - now
-                if left > 0:
+                if left > _MIN_SLEEP_S:
                     await self._sleep(left)
                     continue
                 self.speaking = False
