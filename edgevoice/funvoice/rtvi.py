@@ -2,11 +2,13 @@
 
 Thread model: everything runs on the daemon's event loop. One :class:`RtviSession` per ``/ws`` connection is
 both the conversation's :class:`~edgevoice.funvoice.gemini.Sink` (Gemini's output, turned into RTVI) and the
-reader of the client's frames; its :class:`AudioPacer` task sends bot audio at playback speed.
+reader of the client's frames; its :class:`AudioPacer` task sends bot audio at playback speed, and a forwarder
+task hands microphone audio to the conversation (merging frames that piled up during a send).
 Bounds: bot audio is sent at most ``AUDIO_LEAD_S`` ahead of playback (what an interruption cannot recall)
 and at most ``MAX_QUEUED_AUDIO_S`` is held per connection (beyond: dropped, the client is told); a user
-turn's transcript is kept up to ``MAX_TRANSCRIPT_CHARS``; typed-text sends in flight per connection up to
-``MAX_PENDING_TEXTS``.
+turn's transcript is kept up to ``MAX_TRANSCRIPT_CHARS``; microphone audio waiting for the conversation up to
+``MAX_MIC_BACKLOG_BYTES`` (5 s; beyond: the oldest is dropped, the client is told); typed-text sends in flight
+per connection up to ``MAX_PENDING_TEXTS``.
 
 Speaks the two RTVI generations the Pipecat web SDK has shipped: ``@pipecat-ai/client-js`` 0.4 (RTVI 0.3:
 ``client-ready`` without a version, ``action``/``describe-actions``/``get-config``) and 1.x (RTVI 1.x/2.x:
@@ -51,6 +53,7 @@ AUDIO_FRAME_BYTES = OUT_RATE * 2 // 25  # 40 ms of PCM16 mono at 24 kHz
 MAX_QUEUED_AUDIO_S = 120.0
 MAX_TRANSCRIPT_CHARS = 20000
 MAX_PENDING_TEXTS = 8
+MAX_MIC_BACKLOG_BYTES = 5 * IN_RATE * 2
 _MIN_SLEEP_S = 0.001  # closer than this to due counts as due
 _SENTENCE_END = re.compile(r"[.!?…。！？](?=\s)")
 _ACCEPTED = (
@@ -201,8 +204,11 @@ class RtviSession:
         self._resampler: Any = None
         self._resampler_rate = IN_RATE
         self._tasks: set[asyncio.Task[None]] = set()
+        self._mic = bytearray()  # microphone PCM16 16 kHz not yet handed to the conversation
+        self._mic_wake = asyncio.Event()
         self.pacer = AudioPacer(self._send_audio, self._bot_started, self._bot_stopped)
         self._pacer = asyncio.create_task(self.pacer.run(), name=f"rtvi-pacer-{user_id}")
+        self._forwarder = asyncio.create_task(self._forward_mic(), name=f"rtvi-mic-{user_id}")
 
     def attach(self, conversation: Conversation) -> None:
         """Become ``conversation``'s sink."""
@@ -211,7 +217,7 @@ class RtviSession:
 
     async def close(self) -> None:
         """Stop the pacer and any typed-text sends still in flight."""
-        tasks = [self._pacer, *self._tasks]
+        tasks = [self._pacer, self._forwarder, *self._tasks]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -401,8 +407,30 @@ class RtviSession:
             return
         if rate != IN_RATE:
             pcm = self._resample(pcm, rate)
-        if pcm and self.conversation is not None:
-            await self.conversation.send_audio(pcm)
+        self._mic += pcm
+        excess = len(self._mic) - MAX_MIC_BACKLOG_BYTES
+        if excess > 0:
+            del self._mic[:excess]
+            await self.error(
+                f"dropped the oldest {excess / (2 * IN_RATE):.2f} s of microphone audio: Gemini is not taking it "
+                f"as fast as it comes (at most {MAX_MIC_BACKLOG_BYTES / (2 * IN_RATE):g} s are held)",
+                code="audio_dropped",
+            )
+        self._mic_wake.set()
+
+    async def _forward_mic(self) -> None:
+        """Microphone audio to the conversation, in order. The SDK sends 16 ms frames; whatever piled up while
+        the previous send was in flight goes as one chunk, so a backlog costs one send, not one per frame."""
+        while True:
+            await self._mic_wake.wait()
+            self._mic_wake.clear()
+            while self._mic and self.conversation is not None:
+                chunk = bytes(self._mic)
+                self._mic.clear()
+                try:
+                    await self.conversation.send_audio(chunk)
+                except (ConnectionError, RuntimeError) as exc:  # the client went away while told of dropped audio
+                    log.debug("user %s: microphone audio not forwarded: %s", self.user_id, exc)
 
     def _resample(self, pcm: bytes, rate: int) -> bytes:
         if self._resampler is None or self._resampler_rate != rate:
