@@ -20,6 +20,7 @@ from edgevoice.funvoice.catalogue import Catalogue
 from edgevoice.funvoice.channels import Channels, Kind
 from edgevoice.funvoice.gemini import Conversation, GeminiService
 from edgevoice.funvoice.rtvi import RtviSession
+from edgevoice.funvoice.rtvi import refuse as rtvi_refuse
 from edgevoice.funvoice.rtvi import sniff as rtvi_sniff
 from edgevoice.funvoice.tools import Toolbox
 from edgevoice.server.keys import SETTINGS, WEBSOCKETS
@@ -163,12 +164,15 @@ async def conversation_ws(request: web.Request) -> web.WebSocketResponse:
         if protocol is None:
             given = request.query.get("protocol", "")[:40]
             return await _refuse(
-                ws, "bad_protocol", f"protocol {given!r} is unknown: use rtvi, raw or leave it out", 1008
+                ws,
+                "bad_protocol",
+                f"protocol {given!r} is unknown: use rtvi, raw or leave it out",
+                WSCloseCode.POLICY_VIOLATION,
             )
 
         async def refuse(error: str, message: str, code: int) -> web.WebSocketResponse:
             if protocol == "rtvi":
-                await _refuse_rtvi(ws, error, message, code)
+                await rtvi_refuse(ws, error, message, code)
                 return ws
             return await _refuse(ws, error, message, code)
 
@@ -194,14 +198,6 @@ async def conversation_ws(request: web.Request) -> web.WebSocketResponse:
     finally:
         request.app[WEBSOCKETS].discard(ws)
     return ws
-
-
-async def _refuse_rtvi(ws: web.WebSocketResponse, error: str, message: str, code: int) -> None:
-    session = RtviSession(ws, "", "")
-    try:
-        await session.refuse(error, message, code)
-    finally:
-        await session.close()
 
 
 async def _run(conversation: Conversation, ws: web.WebSocketResponse) -> None:

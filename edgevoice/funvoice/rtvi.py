@@ -80,6 +80,14 @@ def sniff(data: bytes) -> bool:
     return isinstance(msg, dict) and msg.get("label") == LABEL
 
 
+async def refuse(ws: web.WebSocketResponse, code: str, message: str, close_code: int) -> None:
+    """Tell an RTVI client why with a fatal ``error``, then close (it cannot read an HTTP error body)."""
+    data = {"error": message, "message": message, "fatal": True, "code": code}
+    with contextlib.suppress(Exception):
+        await ws.send_bytes(encode_message({"label": LABEL, "type": "error", "id": _message_id(), "data": data}))
+        await ws.close(code=close_code, message=message[:120].encode())
+
+
 def _now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -237,10 +245,8 @@ class RtviSession:
         await self.send("error-response", {"error": message, "fatal": False, "code": code}, msg_id)
 
     async def refuse(self, code: str, message: str, close_code: int) -> None:
-        """A fatal error, then close (for connections refused or replaced)."""
-        with contextlib.suppress(Exception):
-            await self.error(message, code=code, fatal=True)
-            await self.ws.close(code=close_code, message=message[:120].encode())
+        """A fatal error, then close (for a connection replaced by a newer one)."""
+        await refuse(self.ws, code, message, close_code)
 
     async def _send_audio(self, pcm: bytes) -> None:
         with contextlib.suppress(ConnectionError, RuntimeError):  # the client went away; the socket loop ends
