@@ -28,6 +28,7 @@ pip_q() { "$VENV/bin/pip" install -q --disable-pip-version-check "$@" 2>&1 | gre
 
 apt_install "${APT_RUN[@]}"
 [ "$mode" = run ] || apt_install "${APT_TEST[@]}"
+[ "$mode" = run ] || command -v npm >/dev/null || apt_install nodejs npm  # the RTVI browser test's npm packages
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "==> creating $VENV"
@@ -54,6 +55,7 @@ case "$mode" in
   run) exec "$VENV/bin/edgevoice" serve "$@" ;;
   install) echo "installed into $VENV" ;;
   test)
+    tests/support/rtvi_js/install.sh
     "$VENV/bin/ruff" check edgevoice tests bench
     "$VENV/bin/ruff" format --check edgevoice tests bench
     "$VENV/bin/mypy"  # strict on edgevoice/ ([tool.mypy] in pyproject.toml)

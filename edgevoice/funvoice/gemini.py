@@ -466,7 +466,7 @@ class Conversation:
     async def _fail(self, err: LiveError) -> None:
         self.error = err
         log.warning("user %s: %s", self.user_id, err.message)
-        await self.sink.message({"type": "error", "error": err.code, "message": err.message})
+        await self.sink.message({"type": "error", "error": err.code, "message": err.message, "fatal": True})
 
     async def close(self) -> None:
         """Cancel pending tool calls (the Live connection closes with :meth:`run`'s task)."""

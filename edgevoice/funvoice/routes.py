@@ -10,7 +10,7 @@ import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote, urlsplit
 
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -19,8 +19,12 @@ from edgevoice.config import IDENTIFIER_PATTERN, FunVoiceSettings
 from edgevoice.funvoice.catalogue import Catalogue
 from edgevoice.funvoice.channels import Channels, Kind
 from edgevoice.funvoice.gemini import Conversation, GeminiService
+from edgevoice.funvoice.rtvi import RtviSession
+from edgevoice.funvoice.rtvi import refuse as rtvi_refuse
+from edgevoice.funvoice.rtvi import sniff as rtvi_sniff
 from edgevoice.funvoice.tools import Toolbox
 from edgevoice.server.keys import SETTINGS, WEBSOCKETS
+from edgevoice.server.security import request_token
 
 log = logging.getLogger(__name__)
 
@@ -127,38 +131,70 @@ async def _refuse(ws: web.WebSocketResponse, error: str, message: str, code: int
 
 
 class _WsSink:
-    """A conversation's output to its /ws socket."""
+    """A conversation's output to its /ws socket, in the raw protocol."""
 
     def __init__(self, ws: web.WebSocketResponse) -> None:
         self.ws = ws
+        self.live_open = False
 
     async def audio(self, pcm24: bytes) -> None:
         await self.ws.send_bytes(pcm24)
 
     async def message(self, msg: dict[str, Any]) -> None:
+        if msg.get("type") == "ready":
+            self.live_open = True
         await self.ws.send_json(msg)
+
+    async def refuse(self, error: str, message: str, code: int) -> None:
+        await _refuse(self.ws, error, message, code)
+
+
+Protocol = Literal["raw", "rtvi", "auto"]
+_PROTOCOLS: dict[str | None, Protocol] = {None: "auto", "": "auto", "raw": "raw", "rtvi": "rtvi"}
 
 
 # /ws ---------------------------------------------------------------------------------------------------
 async def conversation_ws(request: web.Request) -> web.WebSocketResponse:
+    """The conversation: ``protocol=rtvi`` for Pipecat RTVI clients, ``raw`` (or none) for edgevoice's own."""
     fv = request.app[FUNVOICE]
     user_id = request.query.get("user_id") or new_user_id()
+    protocol = _PROTOCOLS.get(request.query.get("protocol"))
     ws = await _open_ws(request)
     try:
-        if (reason := _check_user_id(user_id)) is not None:
-            return await _refuse(ws, "bad_user_id", reason, WSCloseCode.POLICY_VIOLATION)
-        previous = fv.channels.conversations.get(user_id)
-        if previous is None and len(fv.conversations) >= fv.settings.max_sessions:
+        if protocol is None:
+            given = request.query.get("protocol", "")[:40]
             return await _refuse(
                 ws,
+                "bad_protocol",
+                f"protocol {given!r} is unknown: use rtvi, raw or leave it out",
+                WSCloseCode.POLICY_VIOLATION,
+            )
+
+        async def refuse(error: str, message: str, code: int) -> web.WebSocketResponse:
+            if protocol == "rtvi":
+                await rtvi_refuse(ws, error, message, code)
+                return ws
+            return await _refuse(ws, error, message, code)
+
+        if (reason := _check_user_id(user_id)) is not None:
+            return await refuse("bad_user_id", reason, WSCloseCode.POLICY_VIOLATION)
+        previous = fv.channels.conversations.get(user_id)
+        if previous is None and len(fv.conversations) >= fv.settings.max_sessions:
+            return await refuse(
                 "too_many_sessions",
                 f"funvoice.max_sessions ({fv.settings.max_sessions}) conversations are open; try again later",
                 WSCloseCode.TRY_AGAIN_LATER,
             )
         if previous is not None:  # a reload or a second tab: the newest connection takes the conversation over
-            await _refuse(previous, "replaced", "a newer connection for this user_id took over", WSCloseCode.OK)
+            entry = fv.conversations.get(user_id)
+            sink = entry[0].sink if entry is not None else None
+            message = "a newer connection for this user_id took over"
+            if isinstance(sink, _WsSink | RtviSession):
+                await sink.refuse("replaced", message, WSCloseCode.OK)
+            else:
+                await _refuse(previous, "replaced", message, WSCloseCode.OK)
             await _end_conversation(fv, user_id)
-        await _converse(fv, user_id, ws)
+        await _converse(fv, user_id, ws, protocol)
     finally:
         request.app[WEBSOCKETS].discard(ws)
     return ws
@@ -173,24 +209,41 @@ async def _run(conversation: Conversation, ws: web.WebSocketResponse) -> None:
     except Exception:
         log.exception("user %s: conversation failed", conversation.user_id)
         with contextlib.suppress(Exception):
-            await ws.send_json(
-                {"type": "error", "error": "internal_error", "message": "the bridge failed; see the log"}
+            await conversation.sink.message(
+                {"type": "error", "error": "internal_error", "message": "the bridge failed; see the log", "fatal": True}
             )
     if not ws.closed:
         reason = conversation.error.code if conversation.error else "conversation ended"
         await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=reason.encode())
 
 
-async def _converse(fv: FunVoice, user_id: str, ws: web.WebSocketResponse) -> None:
-    conversation = Conversation(fv.service, fv.toolbox, user_id, _WsSink(ws))
+async def _converse(fv: FunVoice, user_id: str, ws: web.WebSocketResponse, protocol: Protocol) -> None:
+    raw = _WsSink(ws)
+    conversation = Conversation(fv.service, fv.toolbox, user_id, raw)
+    rtvi: RtviSession | None = None
+    if protocol == "rtvi":
+        rtvi = RtviSession(ws, user_id, fv.settings.model)
+        rtvi.attach(conversation)
     task = asyncio.create_task(_run(conversation, ws), name=f"funvoice-{user_id}")
     fv.channels.conversations[user_id] = ws
     fv.conversations[user_id] = (conversation, task)
     side_tasks: set[asyncio.Task[None]] = set()
-    log.info("user %s: conversation opened", user_id)
+    log.info("user %s: conversation opened (%s protocol)", user_id, protocol)
+    first = protocol == "auto"
     try:
         async for msg in ws:
-            if msg.type == WSMsgType.BINARY:
+            if first:  # an RTVI client that was not told protocol=rtvi: its first frame says so
+                first = False
+                if msg.type == WSMsgType.BINARY and rtvi_sniff(msg.data):
+                    rtvi = RtviSession(ws, user_id, fv.settings.model, live_open=raw.live_open)
+                    rtvi.attach(conversation)
+                    log.info("user %s: RTVI client recognised by its first frame", user_id)
+            if rtvi is not None:
+                if msg.type == WSMsgType.BINARY:
+                    await rtvi.receive(msg.data)
+                elif msg.type == WSMsgType.TEXT:
+                    await rtvi.receive_text(msg.data)
+            elif msg.type == WSMsgType.BINARY:
                 if len(msg.data) % 2:
                     await ws.send_json(
                         {"type": "error", "error": "bad_audio", "message": "audio frames must be whole PCM16 samples"}
@@ -202,11 +255,13 @@ async def _converse(fv: FunVoice, user_id: str, ws: web.WebSocketResponse) -> No
                 if side is not None:
                     side_tasks.add(side)
                     side.add_done_callback(side_tasks.discard)
-            elif msg.type == WSMsgType.ERROR:
+            if msg.type == WSMsgType.ERROR:
                 log.info("user %s: /ws error: %s", user_id, ws.exception())
     finally:
         for side in list(side_tasks):
             side.cancel()
+        if rtvi is not None:
+            await rtvi.close()
         if fv.channels.conversations.get(user_id) is ws:
             await _end_conversation(fv, user_id)
         log.info("user %s: conversation closed", user_id)
@@ -312,18 +367,30 @@ def _ws_base(request: web.Request, public_url: str | None) -> str:
 
 
 async def connect(request: web.Request) -> web.Response:
+    """``{"ws_url", "user_id", "note"}`` as the document says; ``{"ws_url"}`` alone for RTVI clients.
+
+    An RTVI client is one that says so (``protocol=rtvi`` in the query or body: client-js 1.x, whose
+    ``startBotAndConnect()`` refuses any other key) or whose body carries ``rtvi_client_version``
+    (client-js 0.4 adds it to every request). Its ``ws_url`` selects ``protocol=rtvi`` and carries the
+    token the request presented (browsers cannot set headers on a WebSocket).
+    """
     fv = request.app[FUNVOICE]
-    user_id = request.query.get("user_id")
-    if user_id is None and request.can_read_body:
+    body: dict[str, Any] = {}
+    if request.can_read_body:
         try:
-            body = await request.json()
+            parsed = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
             return _error(400, "bad_json", 'the body must be JSON such as {"user_id": "user_12345"}')
-        if body is not None and not isinstance(body, dict):
+        if parsed is not None and not isinstance(parsed, dict):
             return _error(400, "bad_json", 'the body must be a JSON object such as {"user_id": "user_12345"}')
-        user_id = (body or {}).get("user_id")
-        if user_id is not None and not isinstance(user_id, str):
-            return _error(400, "bad_user_id", "user_id must be a string")
+        body = parsed or {}
+    user_id = request.query.get("user_id") or body.get("user_id")
+    if user_id is not None and not isinstance(user_id, str):
+        return _error(400, "bad_user_id", "user_id must be a string")
+    protocol = request.query.get("protocol") or body.get("protocol")
+    if protocol not in (None, "", "raw", "rtvi"):
+        return _error(400, "bad_protocol", f"protocol {str(protocol)[:40]!r} is unknown: use rtvi, raw or leave it out")
+    rtvi = protocol == "rtvi" or (protocol is None and "rtvi_client_version" in body)
     if user_id:
         if (reason := _check_user_id(user_id)) is not None:
             return _error(400, "bad_user_id", reason)
@@ -332,7 +399,12 @@ async def connect(request: web.Request) -> web.Response:
         user_id = new_user_id()
         note = "No user_id was provided; WebSocket connection will use this generated user_id"
     ws_url = f"{_ws_base(request, fv.settings.public_url)}/ws?user_id={quote(user_id, safe='')}"
-    return web.json_response({"ws_url": ws_url, "user_id": user_id, "note": note})
+    if not rtvi:
+        return web.json_response({"ws_url": ws_url, "user_id": user_id, "note": note})
+    ws_url += "&protocol=rtvi"
+    if request.app[SETTINGS].server.bearer_token() is not None and (token := request_token(request)):
+        ws_url += f"&token={quote(token, safe='')}"
+    return web.json_response({"ws_url": ws_url})
 
 
 async def product_info_status(request: web.Request) -> web.Response:

@@ -15,7 +15,8 @@ The fake's model is deterministic so tests can check every byte:
 - text in (``realtimeInput.text``) is a command: ``tool NAME {json}`` (a function call, answered once the
   tool response with its id arrives), ``cancel NAME {json}`` (a call then its cancellation),
   ``goaway`` (``goAway`` then a server close after ``go_away_s``), ``drop`` (the TCP connection is cut
-  without a close frame), ``interrupt`` (audio, then ``interrupted``); anything else is echoed back.
+  without a close frame), ``interrupt [SECONDS]`` (SECONDS of audio, default 0.3, then ``interrupted``);
+  anything else is echoed back.
 
 Conversations survive reconnects: every ``sessionResumptionUpdate`` hands out a new handle for the
 conversation, and a ``setup`` carrying a known handle continues it (same id, turn count going on).
@@ -92,6 +93,7 @@ class Connection:
     conversation: Conversation | None = None
     resumed_with: str | None = None
     audio_bytes: int = 0
+    audio: bytearray = field(default_factory=bytearray)  # every byte of audio received, in order
     tool_responses: list[dict[str, Any]] = field(default_factory=list)
     closed_by: str | None = None  # "client" | "server" | "drop"
     open: bool = True
@@ -235,6 +237,7 @@ class FakeLive:
                         await ws.close(1007, f"unsupported audio mime type {mime!r}")
                         return
                     conn.audio_bytes += len(chunk)
+                    conn.audio += chunk
                     audio += chunk
                     if len(audio) >= self.turn_bytes:
                         await self._answer_audio(ws, conv, bytes(audio))
@@ -326,7 +329,7 @@ class FakeLive:
             conn.closed_by = "drop"
             ws.transport.abort()
         elif word == "interrupt":
-            await self._speak(ws, tone_24k(0.3))
+            await self._speak(ws, tone_24k(float(rest or 0.3)))
             await self._send(ws, {"serverContent": {"interrupted": True}})
             await self._finish_turn(ws, conv, f"turn {conv.turns}: interrupted")
         else:
