@@ -12,6 +12,7 @@ import json
 import sqlite3
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,7 +23,13 @@ from edgevoice.delivery import store
 def _open(args: argparse.Namespace) -> tuple[sqlite3.Connection, Path]:
     settings = load_settings(getattr(args, "config", None))
     path = store.spool_path(settings.state.path())
-    return store.connect(path, create=False), path
+    conn = store.connect(path, create=False)
+    try:
+        store.ensure_schema(conn)  # a spool written by an older version is migrated (no-op otherwise)
+    except BaseException:
+        conn.close()
+        raise
+    return conn, path
 
 
 def _age(created: float, now: float) -> str:
@@ -47,7 +54,7 @@ def cmd_stats(args: argparse.Namespace, conn: sqlite3.Connection, path: Path) ->
     age = data["oldest_age_s"]
     print(f"spool:      {data['path']}")
     print(f"waiting:    {data['waiting']} event(s) for {data['customers']} customer(s)")
-    print(f"oldest:     {'-' if age is None else _duration(float(age))}")  # type: ignore[arg-type]
+    print(f"oldest:     {_duration(age) if isinstance(age, float) else '-'}")
     print(f"dead:       {data['dead']} event(s)")
     print(f"data bytes: {data['data_bytes']}  (file {data['file_bytes']} bytes)")
     return 0
@@ -98,7 +105,10 @@ def cmd_purge_dead(args: argparse.Namespace, conn: sqlite3.Connection, path: Pat
     return 0
 
 
-def _run(func):  # type: ignore[no-untyped-def]
+Command = Callable[[argparse.Namespace, sqlite3.Connection, Path], int]
+
+
+def _run(func: Command) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         try:
             conn, path = _open(args)
@@ -119,7 +129,7 @@ def _run(func):  # type: ignore[no-untyped-def]
     return run
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     spool = subparsers.add_parser("spool", help="inspect and repair the event spool (safe while the daemon runs)")
     sub = spool.add_subparsers(dest="spool_command", required=True, metavar="ACTION")
 
