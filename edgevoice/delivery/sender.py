@@ -5,12 +5,18 @@ ever in flight, so a customer's events arrive in the order they fired; heads of
 different customers go out concurrently, at most ``events.concurrency`` at once.
 A dispatcher picks the customer whose head is due soonest (oldest event first).
 
+Thread model: everything runs on the event loop; the spool's writer thread
+only reaches it through the spool's listener callbacks. Bounds: at most
+``events.concurrency`` requests in flight, one per customer; response bodies
+read up to 64 KiB.
+
 Outcomes: 2xx deletes the event; timeouts, connection errors, 408, 429 and 5xx
 are retried after a full-jitter exponential backoff (``retry_base_s`` doubling
 up to ``retry_cap_s``), or after ``Retry-After`` when the API sends one (a 429 or
 503 with Retry-After pauses every customer, not just the one that got it); any
 other 4xx moves the event to the dead-letter table with the response. An event
-older than ``max_age_s`` is dead-lettered instead of being sent.
+that waited longer than ``max_age_s`` (on the spool clock) is dead-lettered
+instead of being sent.
 """
 
 from __future__ import annotations
@@ -58,6 +64,11 @@ class Attempt:
     error: str = ""
 
 
+def _extra(**values: object) -> dict[str, str]:
+    """journald fields for a log call's ``extra=``."""
+    return fields(**values)["extra"]
+
+
 def payload(ev: Event) -> str:
     """The request body: exactly ``{"UUID": customer_id, "EVENT": event}``."""
     return json.dumps({"UUID": ev.customer_id, "EVENT": ev.event}, ensure_ascii=False)
@@ -85,7 +96,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 
 def backoff(attempts: int, base: float, cap: float, rng: Callable[[], float] = random.random) -> float:
     """Full-jitter exponential backoff: uniform in [0, min(cap, base * 2**(attempts-1)))."""
-    return rng() * min(cap, base * 2 ** min(max(attempts - 1, 0), 62))
+    return rng() * min(cap, base * 2.0 ** min(max(attempts - 1, 0), 62))
 
 
 class Sender:
@@ -123,17 +134,21 @@ class Sender:
         """Events waiting (in flight included)."""
         return len(self._ids)
 
-    def oldest_created(self) -> float | None:
-        """Creation time of the oldest waiting event (safe to call from the metrics thread)."""
+    def oldest_enqueued(self) -> float | None:
+        """Spool-clock time the oldest waiting event was queued (safe to call from the metrics thread)."""
         oldest: float | None = None
         for q in list(self.pending.values()):  # a copy: the loop may change the dict meanwhile
             try:
-                created = q[0].created
-            except IndexError:
+                enqueued = min(e.enqueued for e in list(q)[:8])  # a re-queued head may be younger than the next
+            except ValueError:
                 continue
-            if oldest is None or created < oldest:
-                oldest = created
+            if oldest is None or enqueued < oldest:
+                oldest = enqueued
         return oldest
+
+    def known(self) -> list[Event]:
+        """Every waiting event held in the in-memory view (in flight included)."""
+        return [e for q in self.pending.values() for e in q]
 
     def add(self, events: list[Event]) -> None:
         """New waiting events (from the spool, in commit order)."""
@@ -145,10 +160,11 @@ class Sender:
             q = self.pending.get(ev.customer_id)
             if q is None:
                 q = self.pending[ev.customer_id] = deque()
-            if not q or q[-1].seq < ev.seq:
+            if not q or q[-1].order < ev.order:
                 q.append(ev)  # the usual case: spool order
-            else:
-                q.insert(bisect.bisect([e.seq for e in q], ev.seq), ev)
+            else:  # re-queued from the dead letters: back to its place (never ahead of the request in flight)
+                pos = bisect.bisect([e.order for e in q], ev.order)
+                q.insert(max(pos, 1 if ev.customer_id in self.inflight else 0), ev)
             self._schedule(ev.customer_id, now)
 
     def remove(self, events: list[Event]) -> None:
@@ -178,7 +194,7 @@ class Sender:
         if current is not None and not later and current <= due:
             return
         self._due[customer] = due
-        heapq.heappush(self._heap, (due, self.pending[customer][0].seq, customer))
+        heapq.heappush(self._heap, (due, self.pending[customer][0].order, customer))
         self._wake.set()
 
     # -- running -------------------------------------------------------------
@@ -224,9 +240,9 @@ class Sender:
 
     def _start(self, customer: str) -> None:
         head = self.pending[customer][0]
-        if time.time() - head.created > self.settings.max_age_s:
+        if self.spool.clock() - head.enqueued > self.settings.max_age_s:
             self._forget(head)
-            reason = f"expired: older than max_age_s={self.settings.max_age_s:g}"
+            reason = f"expired: waited longer than max_age_s={self.settings.max_age_s:g}"
             self.spool.bury(head.id, reason, None, head.last_error)
             self._count("expired")
             if self.metrics is not None:
@@ -284,7 +300,7 @@ class Sender:
             delay,
             ev.attempts,
             what,
-            **fields(customer_id=customer, event=ev.event),
+            extra=_extra(customer_id=customer, event=ev.event),
         )
         self.notify(DeliveryUpdate(ev.id, customer, ev.event, "waiting", f"{what}; retry in {delay:.1f} s"))
         self._schedule(customer, time.monotonic() + delay, later=True)
@@ -300,8 +316,8 @@ class Sender:
         url = self.settings.url
         assert url and self._session is not None
         body = payload(ev)
-        extra = fields(customer_id=ev.customer_id, event=ev.event, event_id=ev.id)
-        log.info("API REQUEST: Calling %s with payload: %s", url, body, **extra)
+        extra = _extra(customer_id=ev.customer_id, event=ev.event, event_id=ev.id)
+        log.info("API REQUEST: Calling %s with payload: %s", url, body, extra=extra)
         headers = {"Content-Type": "application/json", "Idempotency-Key": ev.id}
         try:
             async with self._session.post(url, data=body.encode(), headers=headers) as resp:
@@ -315,18 +331,25 @@ class Sender:
                 ev.event,
                 ev.customer_id,
                 self.settings.timeout_s,
-                **extra,
+                extra=extra,
             )
             return Attempt("timeout", error=f"timeout after {self.settings.timeout_s:g} s")
         except aiohttp.ClientError as exc:
-            log.warning("API CONNECTION ERROR: %s for customer %s - Error: %s", ev.event, ev.customer_id, exc, **extra)
+            log.warning(
+                "API CONNECTION ERROR: %s for customer %s - Error: %s", ev.event, ev.customer_id, exc, extra=extra
+            )
             return Attempt("connection_error", error=str(exc) or type(exc).__name__)
         shown = text.strip()[:500]
         if 200 <= status < 300:
-            log.info("API SUCCESS: %s for customer %s - Response: %s", ev.event, ev.customer_id, shown, **extra)
+            log.info("API SUCCESS: %s for customer %s - Response: %s", ev.event, ev.customer_id, shown, extra=extra)
             return Attempt("delivered", status, shown)
         log.warning(
-            "API ERROR: HTTP %d for %s - customer %s - Response: %s", status, ev.event, ev.customer_id, shown, **extra
+            "API ERROR: HTTP %d for %s - customer %s - Response: %s",
+            status,
+            ev.event,
+            ev.customer_id,
+            shown,
+            extra=extra,
         )
         if 400 <= status < 500 and status not in (408, 429):
             log.error(
@@ -334,7 +357,7 @@ class Sender:
                 ev.event,
                 ev.customer_id,
                 status,
-                **extra,
+                extra=extra,
             )
             return Attempt("rejected", status, text[:2000])
         return Attempt("http_error", status, shown, retry_after)
