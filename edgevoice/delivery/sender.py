@@ -10,13 +10,16 @@ only reaches it through the spool's listener callbacks. Bounds: at most
 ``events.concurrency`` requests in flight, one per customer; response bodies
 read up to 64 KiB.
 
-Outcomes: 2xx deletes the event; timeouts, connection errors, 408, 429 and 5xx
-are retried after a full-jitter exponential backoff (``retry_base_s`` doubling
-up to ``retry_cap_s``), or after ``Retry-After`` when the API sends one (a 429 or
-503 with Retry-After pauses every customer, not just the one that got it); any
-other 4xx moves the event to the dead-letter table with the response. An event
-that waited longer than ``max_age_s`` (on the spool clock) is dead-lettered
-instead of being sent.
+Outcomes: 2xx deletes the event; timeouts, connection errors, 5xx, redirects
+and the 4xx listed in ``events.retry_4xx`` are retried after a full-jitter
+exponential backoff (``retry_base_s`` doubling up to ``retry_cap_s``), or after
+``Retry-After`` when the API sends one (a 429 or 503 with Retry-After pauses
+every customer, not just the one that got it); any other 4xx moves the event
+to the dead-letter table with the response. Redirects are never followed: a
+client following a 301/302/303 turns the POST into a bodyless GET, and a 200
+from the page it lands on would count as delivered. An event that waited
+longer than ``max_age_s`` (on the spool clock) is dead-lettered instead of
+being sent.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ RETRY_AFTER_MAX_S = 3600.0
 """Longest Retry-After honoured (a bogus header must not park events for days)."""
 _BODY_LIMIT = 64 * 1024
 
-Outcome = Literal["delivered", "http_error", "timeout", "connection_error", "rejected", "expired"]
+Outcome = Literal["delivered", "http_error", "redirected", "timeout", "connection_error", "rejected", "expired"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,7 +292,10 @@ class Sender:
                 self.paused_until = max(self.paused_until, time.monotonic() + delay)
         else:
             delay = backoff(ev.attempts, s.retry_base_s, s.retry_cap_s, self.rng)
-        what = f"HTTP {result.status}" if result.status is not None else result.error or result.outcome
+        if result.outcome == "redirected":
+            what = result.error
+        else:
+            what = f"HTTP {result.status}" if result.status is not None else result.error or result.outcome
         self.last_error = what
         ev.last_error = what
         self.spool.record_failure(ev.id, ev.attempts, what)
@@ -320,11 +326,12 @@ class Sender:
         log.info("API REQUEST: Calling %s with payload: %s", url, body, extra=extra)
         headers = {"Content-Type": "application/json", "Idempotency-Key": ev.id}
         try:
-            async with self._session.post(url, data=body.encode(), headers=headers) as resp:
+            async with self._session.post(url, data=body.encode(), headers=headers, allow_redirects=False) as resp:
                 raw = await resp.content.read(_BODY_LIMIT)
                 text = raw.decode(resp.get_encoding() if resp.charset else "utf-8", errors="replace")
                 status = resp.status
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                location = resp.headers.get("Location")
         except asyncio.TimeoutError:
             log.warning(
                 "API TIMEOUT: %s for customer %s - Request took longer than %g seconds",
@@ -343,6 +350,17 @@ class Sender:
         if 200 <= status < 300:
             log.info("API SUCCESS: %s for customer %s - Response: %s", ev.event, ev.customer_id, shown, extra=extra)
             return Attempt("delivered", status, shown)
+        if 300 <= status < 400:
+            log.warning(
+                "API REDIRECT: HTTP %d for %s - customer %s - Location: %s (not followed: event POSTs never follow "
+                "redirects; retrying - if the API moved, set events.url to its new address)",
+                status,
+                ev.event,
+                ev.customer_id,
+                location,
+                extra=extra,
+            )
+            return Attempt("redirected", status, shown, retry_after, f"HTTP {status} redirect to {location}")
         log.warning(
             "API ERROR: HTTP %d for %s - customer %s - Response: %s",
             status,
@@ -351,9 +369,10 @@ class Sender:
             shown,
             extra=extra,
         )
-        if 400 <= status < 500 and status not in (408, 429):
+        if 400 <= status < 500 and status not in self.settings.retry_4xx:
             log.error(
-                "API REJECTED: %s for customer %s moved to dead-letter (HTTP %d is not retried; see `edgevoice spool dead`)",
+                "API REJECTED: %s for customer %s moved to dead-letter (HTTP %d is not in events.retry_4xx; "
+                "see `edgevoice spool dead`)",
                 ev.event,
                 ev.customer_id,
                 status,
