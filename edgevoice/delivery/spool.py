@@ -882,11 +882,6 @@ class Spool:
             self._retry_delay = min(RETRY_CAP_S, self._retry_delay * 2)
         changed = self.degraded != reason
         self.degraded = reason  # before any caller learns its event is held
-        self._backlog = []
-        self.held = self._held_streams = 0
-        self._admit(cmds)
-        if changed:
-            self._post_call(self._state_changed, reason)
         if first:
             log.error(
                 "spool %s: %s; keeping new events in memory (at most events.memory_max_events=%d) and retrying",
@@ -894,7 +889,12 @@ class Spool:
                 reason,
                 self.settings.memory_max_events,
             )
-        elif now - self._reminded >= REMIND_S:
+        self._backlog = []
+        self.held = self._held_streams = 0
+        self._admit(cmds)
+        if changed:
+            self._post_call(self._state_changed, reason)
+        if not first and now - self._reminded >= REMIND_S:
             self._reminded = now
             log.error(
                 "spool %s still cannot be written after %.0f s: %s; %d event(s) held in memory",
