@@ -68,16 +68,17 @@ async def test_a_redirect_is_never_followed_and_the_event_waits_until_the_api_an
         await api.until(lambda: len(api.accepted()) == 2, what="both delivered")
         assert api.accepted() == ids, "in order, each once"
         assert api.seen.moved == []
-        await asyncio.sleep(0.1)
-        await svc.spool.barrier()
-        assert svc.spool.counts.waiting == 0
-        outcomes = {
-            s.labels["outcome"]: s.value
-            for m in svc.metrics.deliveries.collect()  # type: ignore[union-attr]
-            for s in m.samples
-            if s.name.endswith("_total")
-        }
-        assert outcomes["redirected"] >= 3 and outcomes["delivered"] == 2
+
+        def outcomes() -> dict[str, float]:
+            return {
+                s.labels["outcome"]: s.value
+                for m in svc.metrics.deliveries.collect()  # type: ignore[union-attr]
+                for s in m.samples
+                if s.name.endswith("_total")
+            }
+
+        await api.until(lambda: outcomes().get("delivered") == 2 and svc.spool.counts.waiting == 0, what="deleted")
+        assert outcomes()["redirected"] >= 3
 
 
 async def test_proxy_4xx_during_a_deploy_is_retried_and_delivered_in_order(
@@ -119,10 +120,12 @@ async def test_the_4xx_policy_is_configurable(make_service: MakeService, receive
     (gone,) = [await strict.submit("cust-a", "SAY_HELLO")]
     receiver.script(404)
     receiver.respond(200)
-    await receiver.until_requests(1)
-    await asyncio.sleep(0.2)
-    await strict.spool.barrier()
+    for _ in range(600):
+        if strict.spool.counts.dead:
+            break
+        await asyncio.sleep(0.05)
     assert [d.id for d in dead_letters(strict)] == [gone], "retry_4xx=[]: a 404 is permanent"
+    assert gone not in receiver.accepted
     await strict.close()
 
     receiver.respond("down")
@@ -151,40 +154,30 @@ async def test_a_retried_dead_letter_takes_back_its_place_before_the_customers_l
     receiver.respond(400)
     svc = await make_service(url=receiver.url, state_dir=state)
     first = await svc.submit("cust-a", "SAY_HELLO")
-    await receiver.until_requests(1)
-    await asyncio.sleep(0.1)
-    await svc.spool.barrier()
+    for _ in range(600):
+        if svc.spool.counts.dead:
+            break
+        await asyncio.sleep(0.05)
     assert [d.id for d in dead_letters(svc)] == [first]
-    receiver.respond("down")  # the API goes away; the customer's later events wait
-    later = [await svc.submit("cust-a", name) for name in ("SAY_SORRY", "SESSION_END")]
-    other = await svc.submit("cust-b", "SAY_HELLO")
+    await svc.close()
 
-    conn = store.connect(svc.spool.path, create=False)  # as `edgevoice spool retry` does, from another process
+    # The API is away; the customer's later events wait. (No sender: nothing in flight to race with.)
+    waiting = await make_service(url=None, state_dir=state)
+    later = [await waiting.submit("cust-a", name) for name in ("SAY_SORRY", "SESSION_END")]
+    other = await waiting.submit("cust-b", "SAY_HELLO")
+    conn = store.connect(waiting.spool.path, create=False)  # as `edgevoice spool retry` does, from another process
     try:
         assert store.retry_dead(conn, [first]) == [first]
         assert [e.id for e in store.waiting(conn, customer="cust-a")] == [first, *later]
     finally:
         conn.close()
-    await svc.spool.barrier()  # the daemon picks the re-queued event up
-    assert [e.id for e in svc.sender.pending["cust-a"]] == [first, *later], "back in its place, not behind"
+    await waiting.spool.barrier()  # the running daemon picks the re-queued event up
+    assert [e.id for e in waiting.sender.pending["cust-a"]] == [first, *later], "back in its place, not behind"
+    await waiting.close()
 
     receiver.respond(200)
-    await receiver.until_accepted(4, timeout=20)
+    sending = await make_service(url=receiver.url, state_dir=state)  # and after a restart the order holds
+    await receiver.until_accepted(4, timeout=30)
     assert receiver.events("cust-a") == ["SAY_HELLO", "SAY_SORRY", "SESSION_END"]
     assert other in receiver.accepted
-    await svc.close()
-
-    # After a restart the order still holds (the spool orders by the kept place, not by insertion).
-    receiver.respond("down")
-    svc2 = await make_service(url=None, state_dir=tmp_path / "again")
-    a = await svc2.submit("cust-c", "A")
-    await svc2.spool.bury(a, "HTTP 400", 400, "no")
-    b = await svc2.submit("cust-c", "B")
-    conn = store.connect(svc2.spool.path, create=False)
-    try:
-        store.retry_dead(conn, None)
-    finally:
-        conn.close()
-    await svc2.close()
-    svc3 = await make_service(url=None, state_dir=tmp_path / "again")
-    assert [e.id for e in svc3.sender.pending["cust-c"]] == [a, b]
+    await sending.spool.barrier()

@@ -176,20 +176,37 @@ async def test_age_uses_the_spool_clock_not_the_wall_clock(
     await svc.close()
 
 
-async def test_waiting_time_adds_up_across_restarts(make_service: MakeService, tmp_path: Path):
+async def test_waiting_time_adds_up_across_restarts(
+    make_service: MakeService, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The clock is saved at close and goes on from there: time waited counts, time switched off does not."""
     state = tmp_path / "aging"
-    svc = await make_service(state_dir=state, max_age_s=1.0)
+    svc = await make_service(state_dir=state, max_age_s=3600)
     event_id = await svc.submit("cust", "SAY_HELLO")
     await asyncio.sleep(0.6)
     await svc.close()
-    await asyncio.sleep(1.0)  # the daemon is down: that does not count
-    again = await make_service(state_dir=state, max_age_s=1.0)
+    conn = store.connect(store.spool_path(state), create=False)
+    try:
+        saved = store.read_clock(conn)
+        (ev,) = store.waiting(conn)
+    finally:
+        conn.close()
+    assert saved - ev.enqueued >= 0.6, "the waiting time is on disk"
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 10 * 86400)  # ten days switched off
+    again = await make_service(state_dir=state, max_age_s=3600)
+    assert again.spool.clock() >= saved, "the clock goes on from where it stopped, not from 0"
+    assert 0.6 <= again.health()["oldest_age_s"] < 3600, "switched-off time does not count"
     await again.spool.barrier()
-    assert again.spool.counts.dead == 0 and again.sender.depth == 1
-    assert 0.5 <= again.health()["oldest_age_s"] < 1.0
-    await asyncio.sleep(0.6)
-    await again.spool.barrier()
-    conn = store.connect(again.spool.path, create=False)
+    assert again.spool.counts.dead == 0
+    await again.close()
+    third = await make_service(state_dir=state, max_age_s=1.0)  # 0.6 s waited before: 0.4 s more will do
+    for _ in range(400):
+        await third.spool.barrier()
+        if third.spool.counts.dead:
+            break
+        await asyncio.sleep(0.05)
+    conn = store.connect(third.spool.path, create=False)
     (dead,) = store.dead_letters(conn)
     conn.close()
     assert dead.id == event_id and dead.reason == "expired: waited longer than max_age_s=1"
