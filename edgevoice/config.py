@@ -213,6 +213,10 @@ class KeywordSettings(_Section):
     """Event sent when the customer's last stream stops."""
 
 
+RETRY_4XX_DEFAULT = (401, 403, 404, 407, 408, 409, 421, 425, 429, 499)
+"""4xx answers retried by default: auth, routing and proxy answers that change when the API is back, not the event."""
+
+
 class EventsSettings(_Section):
     """Durable delivery of experience events (disk spool + HTTP sender)."""
 
@@ -233,9 +237,15 @@ class EventsSettings(_Section):
     full_policy: Literal["refuse_new", "drop_oldest"] = "refuse_new"
     """When full: refuse_new fails submit; drop_oldest drops the oldest dead letters, then the oldest waiting events. Counted and logged."""
     max_age_s: float = Field(7 * 86400, gt=0)
-    """Events older than this move to the dead-letter table."""
+    """Longest an event waits before it moves to the dead-letter table, counted while the daemon runs on a monotonic clock kept across restarts (never the wall clock: an NTP step expires nothing)."""
     commit_window_ms: float = Field(2.0, ge=0, le=100)
     """Group-commit window: events arriving within it share one fsync."""
+    retry_4xx: list[int] = Field(default_factory=lambda: list(RETRY_4XX_DEFAULT))
+    """4xx answers retried with backoff like 5xx and timeouts (what proxies and gateways answer while the API is deployed or its route is missing); any other 4xx (400, 413, 415, 422, ...) moves the event to the dead-letter table. Redirects (3xx) are never followed and always retried."""
+    lock_timeout_s: float = Field(10.0, gt=0, le=600)
+    """How long a spool write waits for a lock held by another process before the spool counts as unavailable: new events are then held in memory and retried, and /health says degraded."""
+    memory_max_events: int = Field(10_000, ge=10, le=1_000_000)
+    """Events held in memory while the spool cannot be written (locked, disk full, I/O error, free disk below state.min_free_mb); beyond it submit raises SpoolFull."""
 
     @field_validator("url")
     @classmethod
@@ -247,6 +257,14 @@ class EventsSettings(_Section):
                 "must be an http:// or https:// URL with a host, e.g. http://experience-api.lan:4000/api/v1/experience-event"
             )
         return v
+
+    @field_validator("retry_4xx")
+    @classmethod
+    def _client_errors(cls, v: list[int]) -> list[int]:
+        bad = [c for c in v if not 400 <= c <= 499]
+        if bad:
+            raise ValueError(f"must list 4xx status codes (400-499), got {bad}")
+        return sorted(set(v))
 
 
 class DiarizationSettings(_Section):

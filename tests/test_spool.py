@@ -136,13 +136,28 @@ async def test_free_disk_floor(make_service: MakeService, tmp_path: Path, caplog
     kept = [await svc.submit("cust", f"EV_{i}") for i in range(5)]
     await svc.close()
     floor = shutil.disk_usage(tmp_path).free // 2**20 + 10_000  # more than the disk has free
-    refusing = await make_service(state_dir=state, min_free_mb=floor)
-    with pytest.raises(SpoolFull, match=r"free disk below state.min_free_mb"):
-        await refusing.submit("cust", "EV_NEW")
-    await refusing.close()
+    # refuse_new: below the floor the event is held in memory (degraded), never lost, and written once there is room.
+    holding = await make_service(state_dir=state, min_free_mb=floor)
+    held = await holding.submit("cust", "EV_NEW")
+    assert holding.spool.held == 1 and [r.id for r in rows(holding.spool.path)] == kept
+    reason = holding.degraded()
+    assert (
+        reason is not None and "free disk below state.min_free_mb" in reason and "1 event(s) held in memory" in reason
+    )
+    assert holding.health()["degraded"] == reason
+    holding.spool.min_free_bytes = 0  # room again
+    for _ in range(200):
+        if holding.spool.degraded is None:
+            break
+        await asyncio.sleep(0.05)
+    assert holding.spool.degraded is None and holding.spool.held == 0
+    assert [r.id for r in rows(holding.spool.path)] == [*kept, held]
+    await holding.close()
     dropping = await make_service(state_dir=state, min_free_mb=floor, full_policy="drop_oldest")
-    new = await dropping.submit("cust", "EV_NEW")
-    assert [r.id for r in rows(dropping.spool.path)] == [*kept[1:], new], "one out, one in: the file does not grow"
+    new = await dropping.submit("cust", "EV_NEW2")
+    assert [r.id for r in rows(dropping.spool.path)] == [*kept[1:], held, new], (
+        "one out, one in: the file does not grow"
+    )
 
 
 DISK_FULL_CHILD = textwrap.dedent(
@@ -158,41 +173,55 @@ DISK_FULL_CHILD = textwrap.dedent(
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG/short writes instead
         soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
         resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), hard))
-        committed, errors = [], []
+        accepted, errors, reasons, held_after = [], [], set(), 0
         for i in range(5000):
             try:
-                committed.append(await svc.submit("cust", f"EV_{i:05d}", session_id="x" * 200))
+                accepted.append(await svc.submit("cust", f"EV_{i:05d}", session_id="x" * 200))
             except Exception as exc:
                 errors.append(f"{type(exc).__name__}: {exc}")
-                if len(errors) >= 3:
+            if svc.spool.degraded:
+                reasons.add(svc.spool.degraded)
+                held_after += 1
+                if held_after >= 50:
                     break
+        degraded = svc.degraded()
+        held = svc.spool.held
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # space is back
-        committed.append(await svc.submit("cust", "AFTER"))
+        for _ in range(400):
+            if svc.spool.degraded is None:
+                break
+            await asyncio.sleep(0.05)
+        accepted.append(await svc.submit("cust", "AFTER"))
+        recovered = svc.spool.degraded is None
         await svc.close()
-        print(json.dumps({"committed": committed, "errors": errors}))
+        print(json.dumps({"accepted": accepted, "errors": errors, "reasons": sorted(reasons), "held": held,
+                          "degraded": degraded, "recovered": recovered}))
 
     asyncio.run(main())
     """
 )
 
 
-def test_disk_full_refuses_new_events_keeps_committed_ones_and_recovers(tmp_path: Path):
-    """A real write failure (RLIMIT_FSIZE: the WAL cannot grow) fails submit; nothing committed is lost."""
+def test_disk_full_keeps_events_in_memory_and_writes_them_once_there_is_room(tmp_path: Path):
+    """A real write failure (RLIMIT_FSIZE: the WAL cannot grow): submits go on, held in memory; then all reach disk."""
     state = tmp_path / "state"
     out = subprocess.run(
         [sys.executable, "-c", DISK_FULL_CHILD, str(state), str(1 << 20)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=180,
     )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["errors"], "the size limit was hit"
-    assert all(e.startswith(("SpoolFull: disk full", "SpoolError")) for e in result["errors"]), result["errors"]
-    assert len(result["committed"]) > 20
+    assert result["errors"] == [], "nothing accepted was refused or lost"
+    assert result["reasons"], "the size limit was hit"
+    assert all(r.startswith(("disk full", "spool cannot be written")) for r in result["reasons"]), result["reasons"]
+    assert result["held"] >= 40 and "event(s) held in memory, retrying" in result["degraded"]
+    assert result["recovered"]
+    assert "keeping new events in memory" in out.stderr and "can be written again" in out.stderr
     conn = store.connect(store.spool_path(state), create=False)
     assert store.quick_check(conn) == "ok"
-    assert [r.id for r in store.waiting(conn)] == result["committed"]
+    assert [r.id for r in store.waiting(conn)] == result["accepted"], "every accepted event on disk, in order"
     conn.close()
 
 
@@ -240,18 +269,18 @@ async def test_damaged_spool_is_moved_aside_and_a_fresh_one_started(
     assert re.fullmatch(r"spool\.sqlite3\.corrupt-\d{8}T\d{6}\.\d{6}Z", moved.name)
     assert "is damaged" in caplog.text and str(moved) in caplog.text
     assert svc.health()["moved_aside"] == str(moved)
-    event_id = await svc.submit("cust", "SAY_HELLO")  # a working, empty spool
-    assert [r.id for r in rows(path)] == [event_id]
-    # What could still be read was kept as dead letters for an operator to check and re-queue, never sent by itself.
-    conn = store.connect(path, create=False)
-    salvaged = store.dead_letters(conn)
-    conn.close()
-    assert {d.id for d in salvaged} <= set(original)
-    assert all(d.reason == f"salvaged from damaged spool {moved.name}" for d in salvaged)
+    # What could still be read is waiting again, in its order (never put aside as dead letters).
+    salvaged = [r.id for r in rows(path)]
+    assert svc.spool.counts.dead == 0
+    assert set(salvaged) <= set(original)
+    assert salvaged == [i for i in original if i in set(salvaged)], "in the order they were accepted"
+    assert svc.sender.depth == len(salvaged), "and handed to the sender"
     if damage == "torn_pages":
         assert 0 < len(salvaged) < len(original), "some rows readable, some lost to the damage"
-        assert f"{len(salvaged)} event(s) readable in the damaged file" in caplog.text
-    assert svc.spool.counts.dead == len(salvaged)
+        assert f"recovered from the damaged file {len(salvaged)} waiting event(s)" in caplog.text
+    event_id = await svc.submit("cust", "SAY_HELLO")  # a working spool
+    assert [r.id for r in rows(path)] == [*salvaged, event_id]
+    assert max((r.seq for r in rows(path) if r.id != event_id), default=0) < rows(path)[-1].seq
 
 
 async def test_wal_cut_at_any_byte_reopens_with_every_fully_committed_event(make_service: MakeService, tmp_path: Path):

@@ -26,7 +26,13 @@ Row = TypeVar("Row", store.Event, store.DeadEvent)
 def _open(args: argparse.Namespace) -> tuple[sqlite3.Connection, Path]:
     settings = load_settings(getattr(args, "config", None))
     path = store.spool_path(settings.state.path())
-    return store.connect(path, create=False), path
+    conn = store.connect(path, create=False)
+    try:
+        store.ensure_schema(conn)  # a spool written by an older version is migrated (no-op otherwise)
+    except BaseException:
+        conn.close()
+        raise
+    return conn, path
 
 
 def _age(created: float, now: float) -> str:
@@ -44,15 +50,14 @@ def _duration(s: float) -> str:
 
 
 def cmd_stats(args: argparse.Namespace, conn: sqlite3.Connection, path: Path) -> int:
-    stats = store.stats(conn, path)
-    data = stats.as_dict()
+    data = store.stats(conn, path).as_dict()
     if args.json:
         print(json.dumps(data))
         return 0
-    oldest = stats.oldest_created
+    age = data["oldest_age_s"]
     print(f"spool:      {data['path']}")
     print(f"waiting:    {data['waiting']} event(s) for {data['customers']} customer(s)")
-    print(f"oldest:     {'-' if oldest is None else _age(oldest, time.time())}")
+    print(f"oldest:     {_duration(age) if isinstance(age, float) else '-'}")
     print(f"dead:       {data['dead']} event(s)")
     print(f"data bytes: {data['data_bytes']}  (file {data['file_bytes']} bytes)")
     return 0

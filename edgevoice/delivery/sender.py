@@ -5,12 +5,21 @@ ever in flight, so a customer's events arrive in the order they fired; heads of
 different customers go out concurrently, at most ``events.concurrency`` at once.
 A dispatcher picks the customer whose head is due soonest (oldest event first).
 
-Outcomes: 2xx deletes the event; timeouts, connection errors, 408, 429 and 5xx
-are retried after a full-jitter exponential backoff (``retry_base_s`` doubling
-up to ``retry_cap_s``), or after ``Retry-After`` when the API sends one (a 429 or
-503 with Retry-After pauses every customer, not just the one that got it); any
-other 4xx moves the event to the dead-letter table with the response. An event
-older than ``max_age_s`` is dead-lettered instead of being sent.
+Thread model: everything runs on the event loop; the spool's writer thread
+only reaches it through the spool's listener callbacks. Bounds: at most
+``events.concurrency`` requests in flight, one per customer; response bodies
+read up to 64 KiB.
+
+Outcomes: 2xx deletes the event; timeouts, connection errors, 5xx, redirects
+and the 4xx listed in ``events.retry_4xx`` are retried after a full-jitter
+exponential backoff (``retry_base_s`` doubling up to ``retry_cap_s``), or after
+``Retry-After`` when the API sends one (a 429 or 503 with Retry-After pauses
+every customer, not just the one that got it); any other 4xx moves the event
+to the dead-letter table with the response. Redirects are never followed: a
+client following a 301/302/303 turns the POST into a bodyless GET, and a 200
+from the page it lands on would count as delivered. An event that waited
+longer than ``max_age_s`` (on the spool clock) is dead-lettered instead of
+being sent.
 """
 
 from __future__ import annotations
@@ -44,7 +53,7 @@ RETRY_AFTER_MAX_S = 3600.0
 """Longest Retry-After honoured (a bogus header must not park events for days)."""
 _BODY_LIMIT = 64 * 1024
 
-Outcome = Literal["delivered", "http_error", "timeout", "connection_error", "rejected", "expired"]
+Outcome = Literal["delivered", "http_error", "redirected", "timeout", "connection_error", "rejected", "expired"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +65,11 @@ class Attempt:
     response: str = ""
     retry_after: float | None = None
     error: str = ""
+
+
+def _extra(**values: object) -> dict[str, str]:
+    """journald fields for a log call's ``extra=``."""
+    return fields(**values)["extra"]
 
 
 def payload(ev: Event) -> str:
@@ -85,7 +99,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 
 def backoff(attempts: int, base: float, cap: float, rng: Callable[[], float] = random.random) -> float:
     """Full-jitter exponential backoff: uniform in [0, min(cap, base * 2**(attempts-1)))."""
-    return rng() * min(cap, base * 2 ** min(max(attempts - 1, 0), 62))
+    return rng() * min(cap, base * 2.0 ** min(max(attempts - 1, 0), 62))
 
 
 class Sender:
@@ -123,17 +137,21 @@ class Sender:
         """Events waiting (in flight included)."""
         return len(self._ids)
 
-    def oldest_created(self) -> float | None:
-        """Creation time of the oldest waiting event (safe to call from the metrics thread)."""
+    def oldest_enqueued(self) -> float | None:
+        """Spool-clock time the oldest waiting event was queued (safe to call from the metrics thread)."""
         oldest: float | None = None
         for q in list(self.pending.values()):  # a copy: the loop may change the dict meanwhile
             try:
-                created = q[0].created
-            except IndexError:
+                enqueued = min(e.enqueued for e in list(q)[:8])  # a re-queued head may be younger than the next
+            except ValueError:
                 continue
-            if oldest is None or created < oldest:
-                oldest = created
+            if oldest is None or enqueued < oldest:
+                oldest = enqueued
         return oldest
+
+    def known(self) -> list[Event]:
+        """Every waiting event held in the in-memory view (in flight included)."""
+        return [e for q in self.pending.values() for e in q]
 
     def add(self, events: list[Event]) -> None:
         """New waiting events (from the spool, in commit order)."""
@@ -145,10 +163,11 @@ class Sender:
             q = self.pending.get(ev.customer_id)
             if q is None:
                 q = self.pending[ev.customer_id] = deque()
-            if not q or q[-1].seq < ev.seq:
+            if not q or q[-1].order < ev.order:
                 q.append(ev)  # the usual case: spool order
-            else:
-                q.insert(bisect.bisect([e.seq for e in q], ev.seq), ev)
+            else:  # re-queued from the dead letters: back to its place (never ahead of the request in flight)
+                pos = bisect.bisect([e.order for e in q], ev.order)
+                q.insert(max(pos, 1 if ev.customer_id in self.inflight else 0), ev)
             self._schedule(ev.customer_id, now)
 
     def remove(self, events: list[Event]) -> None:
@@ -178,7 +197,7 @@ class Sender:
         if current is not None and not later and current <= due:
             return
         self._due[customer] = due
-        heapq.heappush(self._heap, (due, self.pending[customer][0].seq, customer))
+        heapq.heappush(self._heap, (due, self.pending[customer][0].order, customer))
         self._wake.set()
 
     # -- running -------------------------------------------------------------
@@ -224,9 +243,9 @@ class Sender:
 
     def _start(self, customer: str) -> None:
         head = self.pending[customer][0]
-        if time.time() - head.created > self.settings.max_age_s:
+        if self.spool.clock() - head.enqueued > self.settings.max_age_s:
             self._forget(head)
-            reason = f"expired: older than max_age_s={self.settings.max_age_s:g}"
+            reason = f"expired: waited longer than max_age_s={self.settings.max_age_s:g}"
             self.spool.bury(head.id, reason, None, head.last_error)
             self._count("expired")
             if self.metrics is not None:
@@ -273,7 +292,10 @@ class Sender:
                 self.paused_until = max(self.paused_until, time.monotonic() + delay)
         else:
             delay = backoff(ev.attempts, s.retry_base_s, s.retry_cap_s, self.rng)
-        what = f"HTTP {result.status}" if result.status is not None else result.error or result.outcome
+        if result.outcome == "redirected":
+            what = result.error
+        else:
+            what = f"HTTP {result.status}" if result.status is not None else result.error or result.outcome
         self.last_error = what
         ev.last_error = what
         self.spool.record_failure(ev.id, ev.attempts, what)
@@ -284,7 +306,7 @@ class Sender:
             delay,
             ev.attempts,
             what,
-            **fields(customer_id=customer, event=ev.event),
+            extra=_extra(customer_id=customer, event=ev.event),
         )
         self.notify(DeliveryUpdate(ev.id, customer, ev.event, "waiting", f"{what}; retry in {delay:.1f} s"))
         self._schedule(customer, time.monotonic() + delay, later=True)
@@ -300,41 +322,61 @@ class Sender:
         url = self.settings.url
         assert url and self._session is not None
         body = payload(ev)
-        extra = fields(customer_id=ev.customer_id, event=ev.event, event_id=ev.id)
-        log.info("API REQUEST: Calling %s with payload: %s", url, body, **extra)
+        extra = _extra(customer_id=ev.customer_id, event=ev.event, event_id=ev.id)
+        log.info("API REQUEST: Calling %s with payload: %s", url, body, extra=extra)
         headers = {"Content-Type": "application/json", "Idempotency-Key": ev.id}
         try:
-            async with self._session.post(url, data=body.encode(), headers=headers) as resp:
+            async with self._session.post(url, data=body.encode(), headers=headers, allow_redirects=False) as resp:
                 raw = await resp.content.read(_BODY_LIMIT)
                 text = raw.decode(resp.get_encoding() if resp.charset else "utf-8", errors="replace")
                 status = resp.status
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                location = resp.headers.get("Location")
         except asyncio.TimeoutError:
             log.warning(
                 "API TIMEOUT: %s for customer %s - Request took longer than %g seconds",
                 ev.event,
                 ev.customer_id,
                 self.settings.timeout_s,
-                **extra,
+                extra=extra,
             )
             return Attempt("timeout", error=f"timeout after {self.settings.timeout_s:g} s")
         except aiohttp.ClientError as exc:
-            log.warning("API CONNECTION ERROR: %s for customer %s - Error: %s", ev.event, ev.customer_id, exc, **extra)
+            log.warning(
+                "API CONNECTION ERROR: %s for customer %s - Error: %s", ev.event, ev.customer_id, exc, extra=extra
+            )
             return Attempt("connection_error", error=str(exc) or type(exc).__name__)
         shown = text.strip()[:500]
         if 200 <= status < 300:
-            log.info("API SUCCESS: %s for customer %s - Response: %s", ev.event, ev.customer_id, shown, **extra)
+            log.info("API SUCCESS: %s for customer %s - Response: %s", ev.event, ev.customer_id, shown, extra=extra)
             return Attempt("delivered", status, shown)
+        if 300 <= status < 400:
+            log.warning(
+                "API REDIRECT: HTTP %d for %s - customer %s - Location: %s (not followed: event POSTs never follow "
+                "redirects; retrying - if the API moved, set events.url to its new address)",
+                status,
+                ev.event,
+                ev.customer_id,
+                location,
+                extra=extra,
+            )
+            return Attempt("redirected", status, shown, retry_after, f"HTTP {status} redirect to {location}")
         log.warning(
-            "API ERROR: HTTP %d for %s - customer %s - Response: %s", status, ev.event, ev.customer_id, shown, **extra
+            "API ERROR: HTTP %d for %s - customer %s - Response: %s",
+            status,
+            ev.event,
+            ev.customer_id,
+            shown,
+            extra=extra,
         )
-        if 400 <= status < 500 and status not in (408, 429):
+        if 400 <= status < 500 and status not in self.settings.retry_4xx:
             log.error(
-                "API REJECTED: %s for customer %s moved to dead-letter (HTTP %d is not retried; see `edgevoice spool dead`)",
+                "API REJECTED: %s for customer %s moved to dead-letter (HTTP %d is not in events.retry_4xx; "
+                "see `edgevoice spool dead`)",
                 ev.event,
                 ev.customer_id,
                 status,
-                **extra,
+                extra=extra,
             )
             return Attempt("rejected", status, text[:2000])
         return Attempt("http_error", status, shown, retry_after)

@@ -18,5 +18,8 @@ HEALTH_SECTIONS = web.AppKey("health_sections", dict[str, Callable[[], Any]])
 """Extra sections of ``/health``: name -> callable returning JSON-able data."""
 HEALTH_CHECKS = web.AppKey("health_checks", list[Callable[[], bool]])
 """Liveness checks; the watchdog ping is withheld while any returns False."""
+HEALTH_DEGRADED = web.AppKey("health_degraded", list[Callable[[], str | None]])
+"""Readiness: each returns why the daemon works only in part (or None); ``/health`` answers 503 with the reasons.
+Unlike HEALTH_CHECKS it keeps the watchdog ping (a restart would not help). Optional: components ``setdefault`` it."""
 WEBSOCKETS = web.AppKey("websockets", set[web.WebSocketResponse])
 """Every open WebSocket, closed on shutdown and counted against server.max_connections."""
