@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib
 import logging
 import os
@@ -416,13 +417,13 @@ class Conversation:
                 if call.id:
                     task = asyncio.create_task(self._run_tool(call.id, call.name or "", call.args))
                     self._tool_tasks[call.id] = task
-                    task.add_done_callback(lambda _t, cid=call.id: self._tool_tasks.pop(cid, None))
+                    task.add_done_callback(functools.partial(self._tool_done, call.id))
         if msg.tool_call_cancellation is not None:
             ids = list(msg.tool_call_cancellation.ids or [])
             for call_id in ids:
-                task = self._tool_tasks.pop(call_id, None)
-                if task is not None:
-                    task.cancel()
+                cancelled = self._tool_tasks.pop(call_id, None)
+                if cancelled is not None:
+                    cancelled.cancel()
             if ids:
                 await self.toolbox.cancelled(self.user_id, ids)
         if msg.go_away is not None:
@@ -450,6 +451,9 @@ class Conversation:
             await self.sink.message({"type": "interrupted"})
         if content.turn_complete:
             await self.sink.message({"type": "turn_complete"})
+
+    def _tool_done(self, call_id: str, _task: asyncio.Task[None]) -> None:
+        self._tool_tasks.pop(call_id, None)
 
     async def _run_tool(self, call_id: str, name: str, args: dict[str, Any] | None) -> None:
         from google.genai import types
