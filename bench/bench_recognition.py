@@ -180,8 +180,7 @@ async def run_n(n: int, audio: np.ndarray, ends: list[float], reference: str, se
         "mean_batch": round(size_sum / size_count, 2) if size_count else 0,
         "partials_skipped": rec.scheduler.partials_skipped,
         "window_retries": rec.engine.window_retries,
-        "full_windows": rec.engine.full_windows - 1,  # minus the measured warm-up
-        "full_window_s": round(rec.engine.full_window_s, 3),
+        "continuations": rec.engine.continuations,
     }
 
 
@@ -192,7 +191,8 @@ async def main() -> None:
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--compute-type", default="auto")
     ap.add_argument("--threads", type=int, default=0, help="CTranslate2 CPU threads (0: all cores)")
-    ap.add_argument("--window", default="auto", choices=["auto", "fit", "full"])
+    ap.add_argument("--window", default="shared", choices=["shared", "full"])
+    ap.add_argument("--beam", type=int, default=5, help="asr.beam_size")
     ap.add_argument("--seconds", type=float, default=30.0, help="length of the monologue")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -202,6 +202,8 @@ async def main() -> None:
         compute_type=args.compute_type,
         cpu_threads=args.threads,
         window=args.window,
+        beam_size=args.beam,
+        multilingual_model=None,
     )
     audio, ends, reference = monologue(args.seconds)
     print(
@@ -209,7 +211,7 @@ async def main() -> None:
         f"{len(audio) / RATE:.1f} s per stream, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}",
         flush=True,
     )
-    header = "streams  p50_s  p95_s  missed  WER    cpu   rss_MB  max_lag  bounded  batch  skipped  full"
+    header = "streams  p50_s  p95_s  missed  WER    cpu   rss_MB  max_lag  bounded  batch  skipped  retried"
     if not args.json:
         print(header, flush=True)
     results = []
@@ -224,7 +226,7 @@ async def main() -> None:
                 f"{n:>7}  {r['p50_s'] or float('nan'):5.2f}  {r['p95_s'] or float('nan'):5.2f}  {r['missed']:>6}  "
                 f"{r['wer']:.3f}  {r['cpu_cores']:4.2f}  {r['rss_mb']:>6}  {r['max_lag_s']:7.2f}  "
                 f"{'yes' if r['bounded'] else 'NO':>7}  {r['mean_batch']:5.2f}  {r['partials_skipped']:>7}  "
-                f"{r['full_windows']:>4}",
+                f"{r['window_retries']:>7}",
                 flush=True,
             )
     print(f"# peak RSS of the process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")

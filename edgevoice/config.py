@@ -35,6 +35,7 @@ DEFAULT_CONFIG_PATH = Path("/etc/edgevoice/edgevoice.toml")
 
 log = logging.getLogger(__name__)
 
+
 class ConfigError(Exception):
     """The configuration cannot be used; the message is meant for an operator."""
 

@@ -63,7 +63,9 @@ NO_SPEECH_THRESHOLD = 0.6
 LOGPROB_THRESHOLD = -1.0
 """Whisper's own rule: no_speech_prob above AND mean log-probability below -> nothing was said."""
 SURE_NO_SPEECH = 0.85
-"""no_speech_prob above which the text is dropped whatever its probability (tiny.en says "you" on silence at 0.99)."""
+"""no_speech_prob above which the text is dropped whatever its probability (tiny.en says "you" on silence at
+0.99), unless the VAD heard CLEAR_SPEECH_S of speech in it (base is that sure of no speech on short real phrases)."""
+CLEAR_SPEECH_S = 1.0
 UNCOVERED_S = 1.0
 """Speech (by the VAD) this long after the last decoded word means the decoder stopped early: it goes on."""
 MAX_CONTINUATIONS = 3
@@ -96,7 +98,8 @@ class DecodeRequest:
     speech_s: float = 0.0
     """Seconds of VAD speech in ``audio`` (0: unknown; verification then skips the speech checks)."""
     speech_end_s: float | None = None
-    """Where the VAD's last speech ends in ``audio`` (for the coverage check); None: unknown."""
+    """Where the VAD's last speech ends in ``audio``: a decode whose words stop well before it is continued
+    from its last word (with ``words``); None: never continued."""
     previous: str = ""
     """Text said just before ``audio`` in the same utterance (the decoder is conditioned on it)."""
 
@@ -363,7 +366,7 @@ class Engine:
         """Where the decoder stopped before the speech did, decode on from its last word (conditioned on
         the text so far), as offline Whisper seeks to its last timestamp; at most MAX_CONTINUATIONS times."""
         for _ in range(MAX_CONTINUATIONS):
-            todo = [w for w in work if w.request.verify and _uncovered(w)]
+            todo = [w for w in work if w.request.words and _uncovered(w)]
             if not todo:
                 return
             parts: list[tuple[_Work, _Work, float]] = []
@@ -490,9 +493,8 @@ class Engine:
         elif looks_looped(tokens):
             suspect = "repetition"
         tokens = tokens[:allowed]
-        silent = r.no_speech_prob > SURE_NO_SPEECH or (
-            r.no_speech_prob > NO_SPEECH_THRESHOLD and avg_logprob < LOGPROB_THRESHOLD
-        )
+        sure = r.no_speech_prob > SURE_NO_SPEECH and request.speech_s < CLEAR_SPEECH_S
+        silent = sure or (r.no_speech_prob > NO_SPEECH_THRESHOLD and avg_logprob < LOGPROB_THRESHOLD)
         text = "" if silent else tok.decode(tokens).strip()
         if not any(ch.isalnum() for ch in text):
             text, tokens = "", []
@@ -516,7 +518,9 @@ class Engine:
             tok = self._tokenizer(lang)
             for i in range(0, len(group), GENERATE_BATCH):
                 part = group[i : i + GENERATE_BATCH]
-                encoded = ctranslate2.StorageView.from_array(np.ascontiguousarray(np.stack([_encoded(w) for w in part])))
+                encoded = ctranslate2.StorageView.from_array(
+                    np.ascontiguousarray(np.stack([_encoded(w) for w in part]))
+                )
                 frames = [max(1, min(FULL_FRAMES, len(w.request.audio) // HOP)) for w in part]
                 tokens = [w.result.tokens for w in part if w.result is not None]
                 alignments = self.model.find_alignment(tok, tokens, encoded, frames)

@@ -53,12 +53,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PAD_S = 0.2
-"""Audio kept before the first and after the last speech window of an utterance."""
+"""Audio kept after the last speech window of an utterance."""
+PREROLL_S = float(__import__("os").environ.get("PR", "0.4"))
+"""Audio kept before the first speech window (soft onsets such as "th" start below the VAD threshold;
+offline faster-whisper pads 0.4 s)."""
 MIN_SPEECH_S = 0.25
 """Shorter bursts of VAD speech are ignored (clicks, coughs)."""
-COMMIT_AFTER_S = 6.0
-"""Buffer length from which hypotheses carry words and may commit agreed words early."""
-COMMIT_GUARD_S = 1.0
+COMMIT_AFTER_S = float(__import__("os").environ.get("CA", "12.0"))
+"""Buffer length from which hypotheses carry words and may commit agreed words early. Shorter speech is
+decoded whole at its end, as offline Whisper would: every piece costs the words after it their left context."""
+HYPOTHESIS_INTERVAL_S = float(__import__("os").environ.get("HI", "1.0"))
+"""Audio between two hypotheses (at least asr.partial_interval_s)."""
+COMMIT_GUARD_S = float(__import__("os").environ.get("CG", "2.0"))
 """Agreed words ending this close to the end of the buffer are not committed (the next audio may change them)."""
 FORCE_GUARD_S = 1.5
 """A forced commit keeps the words ending in the last this-many seconds of the buffer for the next piece."""
@@ -105,22 +111,35 @@ class Job:
     """Known text: emitted in order without a decode."""
 
     def request(self, language: str | None, beam: int, *, words: bool) -> DecodeRequest:
-        """What the engine decodes; finals (not partials) are verified and checked for coverage."""
-        final = self.kind != "partial"
+        """What the engine decodes: finals are verified; with words, a decode that stops before the
+        speech does is continued (hypotheses must cover the buffer to be compared)."""
         return DecodeRequest(
             self.audio,
             language,
             beam,
-            verify=final,
+            verify=self.kind != "partial",
             words=words,
             speech_s=self.speech_s,
-            speech_end_s=self.speech_end_s if final else None,
+            speech_end_s=self.speech_end_s if words else None,
             previous=self.previous,
         )
 
 
 def _norm(word: str) -> str:
     return _NORM.sub("", word.casefold())
+
+
+def _sentence_end(word: DecodedWord) -> bool:
+    return word.text.rstrip()[-1:] in _SENTENCE_END
+
+
+def _widest_gap(words: list[DecodedWord], lo: int, hi: int) -> int:
+    """The k in [lo, hi] whose pause before words[k] is the longest (the latest of equals): where to cut."""
+
+    def gap(k: int) -> float:
+        return words[k].start - words[k - 1].end if k < len(words) else 1.0
+
+    return max(range(lo, hi + 1), key=lambda k: (round(gap(k), 2), k))
 
 
 class Stream:
@@ -168,7 +187,7 @@ class Stream:
         self._clock = 0  # samples through the endpointer
         self._held: deque[tuple[np.ndarray, np.ndarray, float]] = deque()
         """VAD-processed windows waiting while the buffer is full (a forced commit is pending)."""
-        self._preroll: deque[tuple[np.ndarray, float]] = deque(maxlen=self._ep.config.pad_windows)
+        self._preroll: deque[tuple[np.ndarray, float]] = deque(maxlen=max(1, round(PREROLL_S * SAMPLE_RATE / WINDOW)))
         self._max_utt = int(settings.max_utterance_s * SAMPLE_RATE) // WINDOW * WINDOW
         cap = self._max_utt + 2 * WINDOW
         self._buf = np.zeros(cap, dtype=np.float32)
@@ -192,7 +211,7 @@ class Stream:
         self._hyp: tuple[int, list[DecodedWord]] | None = None
         """The last hypothesis with words: (segment, words)."""
         self.finals: deque[Job] = deque()
-        interval = int(settings.partial_interval_s * SAMPLE_RATE)
+        interval = int(max(settings.partial_interval_s, HYPOTHESIS_INTERVAL_S) * SAMPLE_RATE)
         self.words_from = max(interval, int(COMMIT_AFTER_S * SAMPLE_RATE) - interval)
         """Partials of at least this many samples are hypotheses: beam, word timestamps, compared for commits."""
         self.flushed = False
@@ -453,7 +472,10 @@ class Stream:
         ``display=False`` (file transcription) wants only the hypotheses commits are made from.
         """
         ep = self._ep
-        interval = int(self.settings.partial_interval_s * SAMPLE_RATE)
+        seconds = self.settings.partial_interval_s
+        if self._len >= self.words_from:
+            seconds = max(seconds, HYPOTHESIS_INTERVAL_S)
+        interval = int(seconds * SAMPLE_RATE)
         due = (
             not self.closed
             and not self.blocked
@@ -500,17 +522,17 @@ class Stream:
             agreed += 1
         limit = len(job.audio) / SAMPLE_RATE - COMMIT_GUARD_S
         k = 0
-        while k < agreed and k + 1 < len(current) and current[k].end <= limit:
+        while k < agreed and current[k].end <= limit:
             k += 1
-        ends = [j + 1 for j in range(k) if current[j].text.rstrip()[-1:] in _SENTENCE_END]
-        if ends and ends[-1] >= COMMIT_MIN_WORDS:
-            k = ends[-1]
-        elif self._len < COMMIT_ANY_AT * self._max_utt or k < COMMIT_MIN_WORDS:
-            return
-        self._commit_words(current, k, limit)
+        ends = [j + 1 for j in range(COMMIT_MIN_WORDS - 1, k) if _sentence_end(current[j])]
+        if ends:
+            self._commit_words(current, ends[-1])
+        elif self._len >= COMMIT_ANY_AT * self._max_utt and k >= COMMIT_MIN_WORDS:
+            self._commit_words(current, _widest_gap(current, COMMIT_MIN_WORDS, k))
 
     def apply_commit(self, job: Job, result: Decoded) -> None:
-        """A full buffer's decode: commit every word ending FORCE_GUARD_S before its end; go on with the rest."""
+        """A full buffer's decode: commit through its last sentence end, else at its widest pause, among the
+        words ending FORCE_GUARD_S before its end; what follows is the start of the next piece."""
         self.commit = None
         if self.closed or job.segment != self._segment:
             return
@@ -519,18 +541,20 @@ class Stream:
         k = 0
         while k < len(words) and words[k].end <= limit:
             k += 1
-        if k and k < len(words):
-            # End the piece at the last sentence end in its second half, if there is one.
-            ends = [j + 1 for j in range(k // 2, k) if words[j].text.rstrip()[-1:] in _SENTENCE_END]
-            k = ends[-1] if ends else k
+        if k:
+            ends = [j + 1 for j in range(k // 2, k) if _sentence_end(words[j])]
+            k = ends[-1] if ends else _widest_gap(words, max(1, k // 2), k)
         self._commit_words(words, k, limit)
 
-    def _commit_words(self, words: list[DecodedWord], k: int, limit_s: float) -> None:
-        """Finalize ``words[:k]`` and trim the buffer at the quietest point after them (before ``limit_s``
-        when nothing follows); with k == 0, trim at the quietest point before ``limit_s`` (nothing was said)."""
+    def _commit_words(self, words: list[DecodedWord], k: int, limit_s: float = 0.0) -> None:
+        """Finalize ``words[:k]`` and trim the buffer at the quietest point after them; with k == 0, at the
+        quietest point in the two seconds before ``limit_s`` (nothing was said there)."""
         if k:
+            # Never into the next word (its text is not committed): word times are approximate, and a
+            # clipped last word of this piece costs nothing (its text is known).
             lo = words[k - 1].end - CUT_SLACK_S
-            hi = words[k].start + CUT_SLACK_S if k < len(words) else max(limit_s, words[k - 1].end + CUT_SLACK_S)
+            hi = words[k].start - CUT_SLACK_S / 2 if k < len(words) else words[k - 1].end + 3 * CUT_SLACK_S
+            hi = max(hi, lo + WINDOW / SAMPLE_RATE)
         else:
             lo, hi = max(0.0, limit_s - 2.0), limit_s
         cut = self._quietest(lo, hi, self._len / SAMPLE_RATE)
