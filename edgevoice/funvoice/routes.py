@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,18 +13,19 @@ from urllib.parse import quote, urlsplit
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from edgevoice.config import IDENTIFIER_PATTERN, FunVoiceSettings
+from edgevoice.config import FunVoiceSettings
+from edgevoice.errors import is_identifier
 from edgevoice.funvoice.catalogue import Catalogue
 from edgevoice.funvoice.channels import Channels, Kind
 from edgevoice.funvoice.gemini import Conversation, GeminiService
 from edgevoice.funvoice.tools import Toolbox
+from edgevoice.server.clientjson import BadJson, parse_client_json
 from edgevoice.server.keys import SETTINGS, WEBSOCKETS
 
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
 EXAMPLE_PAGE = "/examples/voice.html"
-_USER_ID = re.compile(IDENTIFIER_PATTERN)
 _HEARTBEAT_S = 30.0
 
 
@@ -102,7 +101,7 @@ def _error(status: int, error: str, message: str) -> web.Response:
 
 def _check_user_id(user_id: str) -> str | None:
     """None when valid, else the reason."""
-    if not _USER_ID.match(user_id):
+    if not is_identifier(user_id):
         return f"user_id {user_id[:40]!r} is invalid: 1-128 characters of letters, digits and _ . : @ -"
     return None
 
@@ -217,10 +216,13 @@ async def _client_message(
 ) -> asyncio.Task[None] | None:
     """A JSON message from the client: text, audio_end or ping."""
     try:
-        msg = json.loads(data)
+        msg = parse_client_json(data)
         kind = msg.get("type")
-    except (json.JSONDecodeError, AttributeError):
-        await ws.send_json({"type": "error", "error": "bad_message", "message": "text frames must be JSON objects"})
+    except (BadJson, AttributeError) as exc:
+        reason = f": {exc.message}" if isinstance(exc, BadJson) else ""
+        await ws.send_json(
+            {"type": "error", "error": "bad_message", "message": f"text frames must be JSON objects{reason}"}
+        )
         return None
     if kind == "ping":
         await ws.send_json({"type": "pong"})
@@ -288,8 +290,8 @@ async def _side_ws(request: web.Request, kind: Kind) -> web.WebSocketResponse:
 
 def _is_ping(data: str) -> bool:
     try:
-        msg = json.loads(data)
-    except json.JSONDecodeError:
+        msg = parse_client_json(data)
+    except BadJson:
         return False
     return isinstance(msg, dict) and msg.get("type") == "ping"
 
@@ -316,9 +318,9 @@ async def connect(request: web.Request) -> web.Response:
     user_id = request.query.get("user_id")
     if user_id is None and request.can_read_body:
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return _error(400, "bad_json", 'the body must be JSON such as {"user_id": "user_12345"}')
+            body = parse_client_json(await request.read())
+        except BadJson as exc:
+            return _error(400, "bad_json", f'the body must be JSON such as {{"user_id": "user_12345"}} ({exc.message})')
         if body is not None and not isinstance(body, dict):
             return _error(400, "bad_json", 'the body must be a JSON object such as {"user_id": "user_12345"}')
         user_id = (body or {}).get("user_id")
