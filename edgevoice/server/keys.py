@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from edgevoice.config import Settings
+from edgevoice.config import Settings, Surface
 from edgevoice.systemd import Notifier
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -18,5 +18,7 @@ HEALTH_SECTIONS = web.AppKey("health_sections", dict[str, Callable[[], Any]])
 """Extra sections of ``/health``: name -> callable returning JSON-able data."""
 HEALTH_CHECKS = web.AppKey("health_checks", list[Callable[[], bool]])
 """Liveness checks; the watchdog ping is withheld while any returns False."""
-WEBSOCKETS = web.AppKey("websockets", set[web.WebSocketResponse])
+WEBSOCKETS = web.AppKey("websockets", set[web.WebSocketResponse[bool]])
 """Every open WebSocket, closed on shutdown and counted against server.max_connections."""
+ROUTE_SURFACES = web.AppKey("route_surfaces", dict[str, Surface])
+"""Route (a resource's canonical path) -> the surface whose token guards it; filled by the composition root."""
