@@ -670,6 +670,18 @@ def load_settings(path: str | Path | None = None) -> Settings:
     for key, p in (("server.tls_cert", settings.server.tls_cert), ("server.tls_key", settings.server.tls_key)):
         if p is not None and not p.is_file():
             raise ConfigError(f"{key} = {str(p)!r}: no such file")
+    if settings.server.tls_cert is not None and settings.server.tls_key is not None:
+        import ssl
+
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                settings.server.tls_cert, settings.server.tls_key
+            )
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(
+                f"server.tls_cert = {str(settings.server.tls_cert)!r}, server.tls_key = {str(settings.server.tls_key)!r}:"
+                f" not a PEM certificate chain and its private key ({exc})"
+            ) from None
     return settings
 
 
