@@ -109,6 +109,8 @@ class ServerSettings(_Section):
     """Browser origins (scheme://host:port) allowed to call the API and open WebSockets; same-origin is always allowed. "*" allows any origin to read (GET), never to open a WebSocket or change state."""
     max_connections: int = Field(256, ge=1)
     """Open WebSocket connections accepted at once; more are refused with 503."""
+    max_connections_per_peer: int = Field(64, ge=1)
+    """Open WebSocket connections one peer address may hold (so one laptop cannot take every slot); more get 503."""
     max_streams_per_connection: int = Field(16, ge=1, le=256)
     """Audio streams one /asr-multicam connection may hold open."""
     max_streams: int = Field(64, ge=1)

@@ -243,6 +243,10 @@ def test_star_covers_reads_never_websockets_or_changes(box: AppThread) -> None:
     assert ws_status(box, "/ws/tools?user_id=u1", Origin=evil) == 403
     assert ws_status(box, "/asr-multicam", TOKENS["multicam"], Origin=evil) == 403
     assert ws_status(box, "/ws/tools?user_id=u1", Origin=POS) == 101
+    assert (
+        status(box, "GET", "/product-info-status", headers={"Origin": "null"})[2].get("Access-Control-Allow-Origin")
+        is None
+    )
     preflight = {"Origin": evil, "Access-Control-Request-Method": "POST"}
     assert status(box, "OPTIONS", "/product-info-reset-all", headers=preflight)[0] == 403
     preflight["Access-Control-Request-Method"] = "GET"
@@ -261,3 +265,24 @@ def test_an_authorization_header_that_is_not_utf8_is_a_clear_400(box: AppThread)
     assert reply.startswith(b"HTTP/1.1 400"), reply[:200]
     assert b"bad_authorization" in reply and b"not UTF-8" in reply
     assert not _tracebacks(box)
+
+
+def test_a_tls_key_that_does_not_fit_the_certificate_is_refused_at_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import trustme
+
+    for k in list(os.environ):
+        if k.startswith("EDGEVOICE_"):
+            monkeypatch.delenv(k)
+    ca = trustme.CA()
+    mine, other = ca.issue_cert("box.example"), ca.issue_cert("other.example")
+    mine.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    mine.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    other.private_key_pem.write_to_path(str(tmp_path / "other.pem"))
+    cfg = tmp_path / "edgevoice.toml"
+    cfg.write_text(f'[server]\ntls_cert = "{tmp_path / "cert.pem"}"\ntls_key = "{tmp_path / "key.pem"}"\n')
+    assert load_settings(cfg).server.tls_key == tmp_path / "key.pem"
+    cfg.write_text(f'[server]\ntls_cert = "{tmp_path / "cert.pem"}"\ntls_key = "{tmp_path / "other.pem"}"\n')
+    with pytest.raises(ConfigError, match="not a PEM certificate chain and its private key"):
+        load_settings(cfg)

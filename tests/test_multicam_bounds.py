@@ -4,6 +4,7 @@ so a slow machine can make a test slower, never wrong."""
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
 import time
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ MODELS = Path(tempfile.gettempdir()) / "edgevoice-test-models"
 FRAMES_PER_S = 20
 STARTS_PER_MIN = 3
 IDLE_S = 2
+PER_PEER = 3
 
 
 def _app(tmp: Path, **server: Any) -> AppThread:
@@ -42,7 +44,10 @@ def _app(tmp: Path, **server: Any) -> AppThread:
 @pytest.fixture(scope="module")
 def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppThread]:
     with _app(
-        tmp_path_factory.mktemp("limited"), max_frames_per_s=FRAMES_PER_S, max_stream_starts_per_min=STARTS_PER_MIN
+        tmp_path_factory.mktemp("limited"),
+        max_frames_per_s=FRAMES_PER_S,
+        max_stream_starts_per_min=STARTS_PER_MIN,
+        max_connections_per_peer=PER_PEER,
     ) as a:
         yield a
 
@@ -137,6 +142,36 @@ def test_start_stop_churn_is_refused_per_peer_and_cannot_fill_the_spool(limited:
     while _waiting_events(limited) < before + accepted and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _waiting_events(limited) == before + accepted  # one SESSION_END per accepted stream, none for the rest
+    _clean(limited)
+
+
+def test_one_peer_cannot_take_every_connection_slot(limited: AppThread) -> None:
+    assert limited.app is not None
+    sockets = limited.app[WEBSOCKETS]
+    deadline = time.monotonic() + 30
+    while sockets and time.monotonic() < deadline:  # earlier tests' connections finish closing
+        time.sleep(0.05)
+
+    async def run() -> None:
+        async with aiohttp.ClientSession() as http:
+            held = [await http.ws_connect(limited.ws_url + "/asr-multicam") for _ in range(PER_PEER)]
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await http.ws_connect(limited.ws_url + "/asr-multicam")
+            assert refused.value.status == 503
+            async with http.get(limited.url + "/health") as r:  # plain requests are not counted
+                assert r.status in (200, 503)
+            await held.pop().close()
+            for _ in range(100):  # the server side of that close finishes
+                try:
+                    held.append(await http.ws_connect(limited.ws_url + "/asr-multicam"))
+                    break
+                except aiohttp.WSServerHandshakeError:
+                    await asyncio.sleep(0.05)
+            assert len(held) == PER_PEER
+            for ws in held:
+                await ws.close()
+
+    limited.call(run())
     _clean(limited)
 
 

@@ -19,7 +19,8 @@ per application from ``server.*`` (docs/security.md says what each rule stops):
    the composition root); a surface with a token needs ``Authorization: Bearer``
    or ``?token=``, else 401 ``unauthorized`` (400 ``bad_authorization`` for a
    header that is not UTF-8).
-5. **Connections**: WebSocket upgrades beyond ``server.max_connections`` get 503.
+5. **Connections**: WebSocket upgrades beyond ``server.max_connections``, or
+   beyond ``server.max_connections_per_peer`` from one address, get 503.
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ class Policy:
     hosts: frozenset[str]
     any_host: bool
     max_connections: int
+    max_per_peer: int
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Policy:
@@ -117,6 +119,7 @@ class Policy:
             hosts=frozenset(hosts),
             any_host="*" in server.allowed_hosts,
             max_connections=server.max_connections,
+            max_per_peer=server.max_connections_per_peer,
         )
 
     def host_allowed(self, host: str | None) -> bool:
@@ -129,9 +132,11 @@ class Policy:
     def origin_allowed(self, request: web.Request, origin: str, method: str) -> bool:
         """Whether a browser page of ``origin`` may make this request (``method``: the one it will use)."""
         lowered = origin.lower()
+        if lowered == "null":  # sandboxed frames, file: pages, some redirects: never trusted
+            return False
         if lowered in self.origins:
             return True
-        if lowered != "null" and _netloc(lowered) == request.headers.get("Host", "").lower():
+        if _netloc(lowered) == request.headers.get("Host", "").lower():
             return True  # same origin; the Host check has vouched for the name
         is_ws = request.headers.get("Upgrade", "").lower() == "websocket"
         return self.any_origin_reads and method in SAFE_METHODS and not is_ws
@@ -166,6 +171,7 @@ def _with_cors(resp: web.StreamResponse, origin: str | None) -> web.StreamRespon
 def security_middleware(settings: Settings | ServerSettings) -> Middleware:
     """The Host, Origin, body, token and connection-limit rules (module docstring) in one middleware."""
     policy = Policy.from_settings(settings if isinstance(settings, Settings) else Settings(server=settings))
+    per_peer: dict[str, int] = {}  # open WebSockets by peer address (this application's)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -228,9 +234,24 @@ def security_middleware(settings: Settings | ServerSettings) -> Middleware:
                     ),
                     origin if cors else None,
                 )
-        if is_ws and len(request.app[WEBSOCKETS]) >= policy.max_connections:
+        if not is_ws:
+            return _with_cors(await handler(request), origin if cors else None)
+        if len(request.app[WEBSOCKETS]) >= policy.max_connections:
             return _refuse(503, "too_many_connections", f"server.max_connections ({policy.max_connections}) reached")
-        resp = await handler(request)
+        peer = request.remote or "?"
+        if per_peer.get(peer, 0) >= policy.max_per_peer:
+            return _refuse(
+                503,
+                "too_many_connections",
+                f"server.max_connections_per_peer ({policy.max_per_peer}) WebSockets are open from {peer}",
+            )
+        per_peer[peer] = per_peer.get(peer, 0) + 1
+        try:
+            resp = await handler(request)  # a WebSocket handler returns when its connection ends
+        finally:
+            per_peer[peer] -= 1
+            if not per_peer[peer]:
+                del per_peer[peer]
         return _with_cors(resp, origin if cors else None)
 
     return middleware
