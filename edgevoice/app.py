@@ -16,10 +16,11 @@ from collections.abc import Callable
 from aiohttp import web
 
 from edgevoice import dashboard, delivery, funvoice, recognition
-from edgevoice.config import Settings
+from edgevoice.config import Settings, Surface
 from edgevoice.events import hub
 from edgevoice.server import health
 from edgevoice.server.kernel import new_app
+from edgevoice.server.keys import ROUTE_SURFACES
 from edgevoice.sources import mic, multicam, seats
 from edgevoice.systemd import Notifier
 
@@ -46,11 +47,32 @@ COMPONENTS: tuple[tuple[str, Setup], ...] = (
 )
 
 
+SURFACES: dict[str, Surface] = {
+    "funvoice": "funvoice",
+    "multicam": "multicam",
+    "seats": "seats",
+    "health": "funvoice",  # the FunVoiceChat front ends read /health
+    "dashboard": "dashboard",  # /metrics is put on the metrics surface by the dashboard itself
+}
+"""The token surface (docs/security.md) of the routes each component adds, unless the component names its own."""
+
+
 def build_app(settings: Settings, notifier: Notifier | None = None) -> web.Application:
-    """The daemon's application: the web kernel with every component of :data:`COMPONENTS`, in order."""
+    """The daemon's application: the web kernel with every component of :data:`COMPONENTS`, in order.
+
+    Every route lands on a token surface (:data:`SURFACES`, or the component's own choice in
+    ``app[ROUTE_SURFACES]``); a component that adds a route without one is a programming error.
+    """
     app = new_app(settings, notifier)
-    for _name, setup in COMPONENTS:
+    surfaces = app[ROUTE_SURFACES]
+    for name, setup in COMPONENTS:
+        known = len(app.router.resources())
         setup(app)
+        for resource in list(app.router.resources())[known:]:
+            if resource.canonical not in surfaces:
+                if name not in SURFACES:
+                    raise RuntimeError(f"component {name} added {resource.canonical} but has no token surface")
+                surfaces[resource.canonical] = SURFACES[name]
     return app
 
 

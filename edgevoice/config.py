@@ -22,7 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from edgevoice.errors import IDENTIFIER_PATTERN as IDENTIFIER_PATTERN  # re-exported for funvoice/routes.py
+from edgevoice.errors import IDENTIFIER_PATTERN
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -44,7 +44,7 @@ class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
 
-def _read_secret(value: SecretStr | None, path: Path | None, key: str) -> str | None:
+def _read_secret(value: SecretStr | None, path: Path | None, file_key: str) -> str | None:
     if value is not None and value.get_secret_value():
         return value.get_secret_value()
     if path is None:
@@ -52,43 +52,101 @@ def _read_secret(value: SecretStr | None, path: Path | None, key: str) -> str | 
     try:
         secret = path.read_text(encoding="utf-8").strip()
     except OSError as exc:
-        raise ConfigError(f"{key}_file = {str(path)!r}: cannot read it ({exc.strerror})") from None
+        raise ConfigError(f"{file_key} = {str(path)!r}: cannot read it ({exc.strerror})") from None
     if not secret:
-        raise ConfigError(f"{key}_file = {str(path)!r}: the file is empty")
+        raise ConfigError(f"{file_key} = {str(path)!r}: the file is empty")
     return secret
 
 
+Surface = Literal["multicam", "seats", "dashboard", "metrics", "funvoice"]
+"""A group of endpoints guarded by one token (see docs/security.md):
+
+- ``multicam``: ``/asr-multicam`` (audio in, customer events out);
+- ``seats``: ``/streams/{stream_id}/start|stop`` (the POS binds customers to mic seats);
+- ``dashboard``: ``/dashboard/feed`` (every table's live transcripts);
+- ``metrics``: ``/metrics``;
+- ``funvoice``: ``/ws``, ``/ws/tools``, ``/ws/product_info``, ``/connect``, the product-info endpoints and
+  ``/health`` (the FunVoiceChat front ends, which send no token: guarded by the Origin and Host checks).
+"""
+SURFACES: tuple[Surface, ...] = ("multicam", "seats", "dashboard", "metrics", "funvoice")
+LAN_GUARDED: tuple[Surface, ...] = ("multicam", "seats", "dashboard", "metrics")
+"""Surfaces that must have a token before the daemon listens beyond loopback (unless allow_insecure_lan)."""
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether listening on ``host`` reaches this machine only (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    name = host.strip().strip("[]").rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False  # a name that may resolve anywhere, or "" (every interface)
+
+
 class ServerSettings(_Section):
-    """Where the daemon listens and how it guards the LAN."""
+    """Where the daemon listens and how it guards the LAN (docs/security.md)."""
 
     host: str = "127.0.0.1"
-    """Address to listen on; 0.0.0.0 exposes the box to the whole LAN."""
+    """Address to listen on; 0.0.0.0 exposes the box to the whole LAN (then every surface but funvoice needs a token)."""
     port: int = Field(8000, ge=1, le=65535)
     """TCP port for HTTP and WebSocket endpoints."""
     token: SecretStr | None = None
-    """Bearer token required on every endpoint (header or ?token=); none disables auth. Prefer token_file or the environment."""
+    """Bearer token (header or ?token=) for every surface without one of its own in tokens/token_files; none leaves those open. Prefer token_file or the environment."""
     token_file: Path | None = None
     """File holding the bearer token (used when token is not set)."""
+    tokens: dict[Surface, SecretStr] = Field(default_factory=dict)
+    """Per-surface bearer tokens (multicam, seats, dashboard, metrics, funvoice); a surface named here ignores token."""
+    token_files: dict[Surface, Path] = Field(default_factory=dict)
+    """Files holding per-surface tokens (for surfaces not in tokens)."""
+    allow_insecure_lan: bool = False
+    """Listen beyond loopback with multicam, seats, dashboard or metrics open (no token); warns at every start. Off: refused."""
+    allowed_hosts: list[str] = Field(default_factory=list)
+    """Host header names accepted besides IP addresses, localhost, this machine's hostname and funvoice.public_url's (a DNS-rebinding guard); ["*"] accepts any."""
     tls_cert: Path | None = None
     """PEM certificate chain; with tls_key, serves https/wss."""
     tls_key: Path | None = None
     """PEM private key for tls_cert."""
     cors_origins: list[str] = Field(default_factory=list)
-    """Browser origins allowed to call the API and open WebSockets ("*" allows any); same-origin is always allowed."""
+    """Browser origins (scheme://host:port) allowed to call the API and open WebSockets; same-origin is always allowed. "*" allows any origin to read (GET), never to open a WebSocket or change state."""
     max_connections: int = Field(256, ge=1)
     """Open WebSocket connections accepted at once; more are refused with 503."""
+    max_connections_per_peer: int = Field(64, ge=1)
+    """Open WebSocket connections one peer address may hold (so one laptop cannot take every slot); more get 503."""
     max_streams_per_connection: int = Field(16, ge=1, le=256)
     """Audio streams one /asr-multicam connection may hold open."""
     max_streams: int = Field(64, ge=1)
     """Audio streams open at once across the whole daemon (microphones included)."""
     max_frame_bytes: int = Field(1 << 20, ge=1024)
-    """Largest WebSocket frame accepted; a larger one is answered with frame_too_large."""
+    """Largest WebSocket frame accepted; a larger one (up to 4x) is answered with frame_too_large, beyond that the connection is closed (1009)."""
+    max_frames_per_s: int = Field(2000, ge=10)
+    """Frames per second one /asr-multicam connection may send (bursts of one second's worth); beyond it reading slows down and the client is told rate_limited."""
+    max_stream_starts_per_min: int = Field(120, ge=1)
+    """audio_stream_start messages per minute from one peer address, all its connections together (bursts of a minute's worth); more are refused with start_rate_limited."""
+    idle_timeout_s: float = Field(300.0, ge=1)
+    """An /asr-multicam client that sends nothing for this long is told idle_timeout and closed (1008); a ping keeps it open."""
     shutdown_timeout_s: float = Field(10.0, gt=0)
     """Time allowed on SIGTERM to flush streams and close connections before exiting."""
 
     def bearer_token(self) -> str | None:
         """The configured token, read from token or token_file."""
-        return _read_secret(self.token, self.token_file, "server.token")
+        return _read_secret(self.token, self.token_file, "server.token_file")
+
+    def surface_token(self, surface: Surface) -> str | None:
+        """The token guarding ``surface``: its own (tokens, token_files), else the shared one, else None (open)."""
+        own = _read_secret(self.tokens.get(surface), self.token_files.get(surface), f"server.token_files.{surface}")
+        return own if own is not None else self.bearer_token()
+
+    def open_lan_surfaces(self) -> list[Surface]:
+        """The LAN_GUARDED surfaces without any token configured (the files are not read)."""
+
+        def configured(value: SecretStr | None, path: Path | None) -> bool:
+            return bool(value is not None and value.get_secret_value()) or path is not None
+
+        shared = configured(self.token, self.token_file)
+        return [s for s in LAN_GUARDED if not (shared or configured(self.tokens.get(s), self.token_files.get(s)))]
 
     @field_validator("tls_key")
     @classmethod
@@ -96,6 +154,27 @@ class ServerSettings(_Section):
         if (v is None) != (info.data.get("tls_cert") is None):
             raise ValueError("tls_cert and tls_key must be set together")
         return v
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, v: list[str]) -> list[str]:
+        for origin in v:
+            if origin != "*" and not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/?#\s]+/?", origin):
+                raise ValueError(
+                    f"{origin!r} is not an origin such as https://frontend.example or http://10.0.0.5:3000"
+                )
+        return [o.rstrip("/") for o in v]
+
+    @model_validator(mode="after")
+    def _lan_needs_tokens(self) -> ServerSettings:
+        open_surfaces = self.open_lan_surfaces()
+        if open_surfaces and not self.allow_insecure_lan and not is_loopback_host(self.host):
+            raise ValueError(
+                f"host {self.host!r} listens beyond this machine but {', '.join(open_surfaces)} would be open to "
+                "anyone on the LAN: set server.token_file (or server.token, or per surface server.tokens / "
+                "server.token_files), or accept the risk with server.allow_insecure_lan = true"
+            )
+        return self
 
 
 class StateSettings(_Section):
@@ -460,7 +539,7 @@ class FunVoiceSettings(_Section):
 
     def gemini_api_key(self) -> str | None:
         """The configured key, else the SDK's environment variables."""
-        key = _read_secret(self.api_key, self.api_key_file, "funvoice.api_key")
+        key = _read_secret(self.api_key, self.api_key_file, "funvoice.api_key_file")
         return key or os.environ.get("GEMINI_API_KEY") or os.environ.get("GOOGLE_API_KEY")
 
 
@@ -580,8 +659,10 @@ def _format_errors(exc: ValidationError, path: Path | None, file_data: dict[str,
             source = f" (in {path})" if path and found else ""
         if "token" in key or "api_key" in key:
             value = "***"
-        shown = f" = {value!r}" if found else ""
+        shown = f" = {value!r}" if found and not isinstance(value, (dict, list)) else ""  # a section may hold secrets
         msg = err["msg"]
+        if err["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             parent = loc[:-1]
             allowed = _allowed_keys(parent)
@@ -620,11 +701,24 @@ def load_settings(path: str | Path | None = None) -> Settings:
     finally:
         _FILE_DATA.reset(token)
     # Secrets in files must be readable now, not at the first request.
-    settings.server.bearer_token()
+    for surface in SURFACES:
+        settings.server.surface_token(surface)
     settings.funvoice.gemini_api_key()
     for key, p in (("server.tls_cert", settings.server.tls_cert), ("server.tls_key", settings.server.tls_key)):
         if p is not None and not p.is_file():
             raise ConfigError(f"{key} = {str(p)!r}: no such file")
+    if settings.server.tls_cert is not None and settings.server.tls_key is not None:
+        import ssl
+
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                settings.server.tls_cert, settings.server.tls_key
+            )
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(
+                f"server.tls_cert = {str(settings.server.tls_cert)!r}, server.tls_key = {str(settings.server.tls_key)!r}:"
+                f" not a PEM certificate chain and its private key ({exc})"
+            ) from None
     return settings
 
 

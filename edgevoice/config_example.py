@@ -11,6 +11,9 @@ from edgevoice.config import Settings
 
 _EXAMPLES: dict[str, str] = {
     "server.token_file": '"/etc/edgevoice/token"',
+    "server.tokens": '{ multicam = "…", seats = "…" }',
+    "server.token_files": '{ dashboard = "/etc/edgevoice/dashboard.token", metrics = "/etc/edgevoice/metrics.token" }',
+    "server.allowed_hosts": '["edgevoice-01.local", "box.example"]',
     "server.tls_cert": '"/etc/edgevoice/tls/cert.pem"',
     "server.tls_key": '"/etc/edgevoice/tls/key.pem"',
     "server.cors_origins": '["https://frontend.example"]',
@@ -35,6 +38,8 @@ def _placeholder(annotation: Any, value: Any) -> str:
     """A valid-looking example for a key that is unset by default."""
     if isinstance(value, list):
         return "[]"
+    if isinstance(value, dict):
+        return "{}"
     args = set(getattr(annotation, "__args__", ()) or (annotation,))
     if int in args:
         return "1  # unset by default"
@@ -73,7 +78,7 @@ def render_example() -> str:
                         nested.append(f"{k} = {_toml_value(v)}")
                 continue
             out += _doc(field.description)
-            if value is None or isinstance(value, SecretStr) or (isinstance(value, list) and not value):
+            if value is None or isinstance(value, SecretStr) or (isinstance(value, (list, dict)) and not value):
                 example = _EXAMPLES.get(dotted) or _placeholder(field.annotation, value)
                 out.append(f"# {key} = {example}")
             else:

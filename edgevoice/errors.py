@@ -27,8 +27,12 @@ def is_identifier(value: object) -> TypeGuard[str]:
 
 
 def describe(value: object, limit: int = 60) -> str:
-    """A short printable form of a client's value for an error message (quoted, cut at ``limit``)."""
-    text = repr(value) if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=repr)
+    """A short printable form of a client's value for an error message (quoted, cut at ``limit``, always encodable)."""
+    try:
+        text = repr(value) if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=repr)
+    except (ValueError, RecursionError):  # an int past Python's digit limit, a cycle, deep nesting
+        text = f"<{type(value).__name__}>"
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")  # a lone surrogate becomes \\ud800
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+SURFACES = ("multicam", "seats", "dashboard", "metrics")  # the role's default edgevoice_token_surfaces
 UNIT = REPO / "systemd" / "edgevoice.service"
 ANSIBLE = REPO / "ansible"
 BIN = Path(sys.executable).parent
@@ -192,6 +193,16 @@ def test_playbook_twice_into_a_target_root(tmp_path: Path) -> None:
     mirror = tmp_path / "mirror" / "diar_streaming_sortformer_4spk-v2"
     mirror.mkdir(parents=True)
     (mirror / "diar_streaming_sortformer_4spk-v2.nemo").write_bytes(nemo)
+    # Box 1 serves TLS with the token of its secrets (the earlier way); box 2 gets a generated token. The
+    # inventory's vault_edgevoice_token is not defined here, so both set edgevoice_token to "".
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("box-hanoi-01.example")
+    tls_src = tmp_path / "controller" / "tls"
+    tls_src.mkdir(parents=True)
+    cert.cert_chain_pems[0].write_to_path(str(tls_src / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tls_src / "key.pem"))
     roots = {}
     for i, (name, hv) in enumerate(sorted(hosts.items())):
         roots[name] = tmp_path / "roots" / name
@@ -202,11 +213,17 @@ def test_playbook_twice_into_a_target_root(tmp_path: Path) -> None:
             edgevoice_target_root=str(roots[name]),
         )
         if i == 0:  # tiny.en from its PyPI package, Sortformer pushed from the controller
+            hv["edgevoice_token"] = ""  # the earlier way: the token in the secrets
+            hv["edgevoice_secrets"] = {"EDGEVOICE_SERVER__TOKEN": "s3cret-token"}
+            hv["edgevoice_tls_cert_src"] = str(tls_src / "cert.pem")
+            hv["edgevoice_tls_key_src"] = str(tls_src / "key.pem")
             hv["edgevoice_models"] = [
                 {"name": "tiny.en"},
                 {"name": "diar_streaming_sortformer_4spk-v2", "src": str(src)},
             ]
         else:  # Sortformer fetched by the box from the LAN mirror
+            hv["edgevoice_token"] = ""  # none at all: the role generates one
+            hv["edgevoice_secrets"] = {"GEMINI_API_KEY": "gemini-s3cret"}
             hv["edgevoice_models"] = [{"name": "diar_streaming_sortformer_4spk-v2"}]
     inventory = tmp_path / "inventory.yml"
     inventory.write_text(yaml.safe_dump(example, allow_unicode=True))
@@ -226,7 +243,6 @@ def test_playbook_twice_into_a_target_root(tmp_path: Path) -> None:
                 "files": {"diar_streaming_sortformer_4spk-v2.nemo": hashlib.sha256(nemo).hexdigest()}
             }
         },
-        "edgevoice_secrets": {"EDGEVOICE_SERVER__TOKEN": "s3cret-token"},
     }
     extra = tmp_path / "overrides.json"
     extra.write_text(json.dumps(overrides))
@@ -260,25 +276,48 @@ def test_playbook_twice_into_a_target_root(tmp_path: Path) -> None:
     for name, root in roots.items():
         hv = hosts[name]
         config = root / "etc/edgevoice/edgevoice.toml"
+        etc = root / "etc/edgevoice"
+        tls = "edgevoice_tls_cert_src" in hv
+        # The files the configuration names are at their box paths on the box; here they are under the root.
+        where = {"EDGEVOICE_SERVER__TOKEN_FILES": json.dumps(dict.fromkeys(SURFACES, str(etc / "token")))}
+        if tls:
+            where |= {
+                "EDGEVOICE_SERVER__TLS_CERT": str(etc / "tls/cert.pem"),
+                "EDGEVOICE_SERVER__TLS_KEY": str(etc / "tls/key.pem"),
+            }
         check = subprocess.run(
             [sys.executable, "-m", "edgevoice", "config", "check", str(config)],
             capture_output=True,
             text=True,
-            env=_clean_env(),
+            env=_clean_env(**where),
             timeout=120,
             check=False,
         )
         assert check.returncode == 0, check.stderr
+        text = config.read_text()
+        assert 'host = "0.0.0.0"' in text and "[server.token_files]" in text
+        assert ('tls_cert = "/etc/edgevoice/tls/cert.pem"' in text) == tls
         shown = json.loads(
             subprocess.run(
                 [sys.executable, "-m", "edgevoice", "--config", str(config), "config", "show"],
                 capture_output=True,
                 text=True,
-                env=_clean_env(),
+                env=_clean_env(**where),
                 timeout=120,
                 check=True,
             ).stdout
         )
+        # The role never leaves the LAN without a token: the secrets' one, or one it generated and kept.
+        assert set(shown["server"]["token_files"]) == set(SURFACES)
+        token = etc / "token"
+        assert token.stat().st_mode & 0o777 == 0o640
+        if tls:
+            assert token.read_text() == "s3cret-token\n"
+            assert (etc / "tls/key.pem").stat().st_mode & 0o777 == 0o640
+            assert (etc / "tls/cert.pem").read_bytes() == (tls_src / "cert.pem").read_bytes()
+        else:
+            assert len(token.read_text().strip()) >= 40 and token.read_text() != "s3cret-token\n"
+        assert token.read_text().strip() not in out1 + out2
         # the per-host mic/seat map, the group's keyword rules and experience API URL
         seats = [s["stream_id"] for d in shown["mic"]["devices"] for s in d["seats"]]
         assert seats == [s["stream_id"] for d in hv["edgevoice_mic_devices"] for s in d["seats"]]
@@ -291,10 +330,10 @@ def test_playbook_twice_into_a_target_root(tmp_path: Path) -> None:
         assert shown["asr"]["language"] == "vi" and shown["asr"]["models_dir"] == "/opt/edgevoice/models"
 
         secrets = root / "etc/edgevoice/edgevoice.env"
-        assert (
-            secrets.stat().st_mode & 0o777 == 0o640 and 'EDGEVOICE_SERVER__TOKEN="s3cret-token"' in secrets.read_text()
-        )
-        assert "s3cret-token" not in out1 + out2
+        assert secrets.stat().st_mode & 0o777 == 0o640
+        for key, value in hv["edgevoice_secrets"].items():
+            assert f'{key}="{value}"' in secrets.read_text()
+            assert value not in out1 + out2
 
         site_packages = list((root / "opt/edgevoice/venv/lib").glob("python3*/site-packages"))
         assert site_packages and (site_packages[0] / "edgevoice" / "modelstore" / "cli.py").is_file()

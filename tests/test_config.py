@@ -39,7 +39,9 @@ def test_embedded_defaults() -> None:
 
 
 def test_file_then_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = write(tmp_path, '[server]\nport = 9001\nhost = "0.0.0.0"\n[events]\nurl = "http://127.0.0.1:1/x"\n')
+    cfg = write(
+        tmp_path, '[server]\nport = 9001\nhost = "0.0.0.0"\ntoken = "t0k"\n[events]\nurl = "http://127.0.0.1:1/x"\n'
+    )
     monkeypatch.setenv("EDGEVOICE_SERVER__PORT", "9002")
     monkeypatch.setenv("EDGEVOICE_EVENTS__URL", "http://127.0.0.1:4000/api/v1/experience-event")
     s = load_settings(cfg)
@@ -76,7 +78,12 @@ def test_settings_are_frozen() -> None:
             "'say hello'",
             "pattern",
         ),
-        ("[server]\nprot = 1\n", "server.prot", "1", "allowed here: cors_origins, host"),
+        (
+            "[server]\nprot = 1\n",
+            "server.prot",
+            "1",
+            "allowed here: allow_insecure_lan, allowed_hosts, cors_origins, host",
+        ),
         ("[nonsense]\nx = 1\n", "nonsense", "", "unknown key"),
     ],
 )

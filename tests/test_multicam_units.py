@@ -192,3 +192,23 @@ async def test_outbox_partials_dropped_when_backlogged_then_overflow_closes() ->
         box.put(_final("a", 1000 + i))
     assert box.overflowed and box.closed
     await asyncio.wait_for(writer, 5)  # the writer gives up instead of waiting on the client
+
+
+async def test_outbox_survives_a_message_that_cannot_be_encoded() -> None:
+    """A lone surrogate (from anywhere) is sent as a JSON escape; the outbox keeps writing what follows."""
+    ws = _SlowSocket()
+    ws.release.set()
+
+    async def send_str(data: str) -> None:
+        data.encode("utf-8")  # what aiohttp does first: raises on a lone surrogate
+        ws.sent.append(json.loads(data))
+
+    ws.send_str = send_str  # type: ignore[method-assign]
+    box = Outbox(ws)  # type: ignore[arg-type]
+    writer = asyncio.create_task(box.run())
+    box.put({"type": "error", "code": "bad_json", "message": "odd \ud800 value"})
+    box.put({"type": "pong"})
+    box.close()
+    await asyncio.wait_for(writer, 5)
+    assert ws.sent == [{"type": "error", "code": "bad_json", "message": "odd \ud800 value"}, {"type": "pong"}]
+    assert not box.overflowed

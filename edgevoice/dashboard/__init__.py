@@ -1,9 +1,9 @@
 """The live dashboard page at ``/``, its feed at ``/dashboard/feed`` and Prometheus metrics at ``/metrics``.
 
 The page and its assets are static files (no build step) and carry no data; the
-feed and ``/metrics`` are guarded by the server token like every other endpoint
-(the page passes the ``?token=`` of its own URL on to the feed and to
-``/asr-multicam``).
+feed is guarded by the ``dashboard`` surface's token and ``/metrics`` by the
+``metrics`` surface's (docs/security.md; the page passes the ``?token=`` of its
+own URL on to the feed and to ``/asr-multicam``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from edgevoice.delivery.api import EVENT_QUEUE, DeliveryUpdate
 from edgevoice.events.hub import STREAM_HUB, StreamHub
 from edgevoice.metrics import METRICS
 from edgevoice.server.keys import SETTINGS, WEBSOCKETS
+from edgevoice.server.security import set_surface
 
 log = logging.getLogger(__name__)
 
@@ -115,4 +116,4 @@ def setup(app: web.Application) -> None:
         app.on_response_prepare.append(_revalidate_assets)
         app.cleanup_ctx.append(_feed_ctx)
     if settings.metrics:
-        app.router.add_get("/metrics", get_metrics)
+        set_surface(app, app.router.add_get("/metrics", get_metrics), "metrics")

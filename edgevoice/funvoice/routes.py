@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +13,8 @@ from urllib.parse import quote, urlsplit
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from edgevoice.config import IDENTIFIER_PATTERN, FunVoiceSettings
+from edgevoice.config import FunVoiceSettings
+from edgevoice.errors import is_identifier
 from edgevoice.funvoice.catalogue import Catalogue
 from edgevoice.funvoice.channels import Channels, Kind
 from edgevoice.funvoice.gemini import Conversation, GeminiService
@@ -23,6 +22,7 @@ from edgevoice.funvoice.rtvi import RtviSession
 from edgevoice.funvoice.rtvi import refuse as rtvi_refuse
 from edgevoice.funvoice.rtvi import sniff as rtvi_sniff
 from edgevoice.funvoice.tools import Toolbox
+from edgevoice.server.clientjson import BadJson, parse_client_json
 from edgevoice.server.keys import SETTINGS, WEBSOCKETS
 from edgevoice.server.security import request_token
 
@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
 EXAMPLE_PAGE = "/examples/voice.html"
-_USER_ID = re.compile(IDENTIFIER_PATTERN)
 _HEARTBEAT_S = 30.0
 
 
@@ -106,7 +105,7 @@ def _error(status: int, error: str, message: str) -> web.Response:
 
 def _check_user_id(user_id: str) -> str | None:
     """None when valid, else the reason."""
-    if not _USER_ID.match(user_id):
+    if not is_identifier(user_id):
         return f"user_id {user_id[:40]!r} is invalid: 1-128 characters of letters, digits and _ . : @ -"
     return None
 
@@ -272,10 +271,13 @@ async def _client_message(
 ) -> asyncio.Task[None] | None:
     """A JSON message from the client: text, audio_end or ping."""
     try:
-        msg = json.loads(data)
+        msg = parse_client_json(data)
         kind = msg.get("type")
-    except (json.JSONDecodeError, AttributeError):
-        await ws.send_json({"type": "error", "error": "bad_message", "message": "text frames must be JSON objects"})
+    except (BadJson, AttributeError) as exc:
+        reason = f": {exc.message}" if isinstance(exc, BadJson) else ""
+        await ws.send_json(
+            {"type": "error", "error": "bad_message", "message": f"text frames must be JSON objects{reason}"}
+        )
         return None
     if kind == "ping":
         await ws.send_json({"type": "pong"})
@@ -343,8 +345,8 @@ async def _side_ws(request: web.Request, kind: Kind) -> web.WebSocketResponse:
 
 def _is_ping(data: str) -> bool:
     try:
-        msg = json.loads(data)
-    except json.JSONDecodeError:
+        msg = parse_client_json(data)
+    except BadJson:
         return False
     return isinstance(msg, dict) and msg.get("type") == "ping"
 
@@ -378,9 +380,9 @@ async def connect(request: web.Request) -> web.Response:
     body: dict[str, Any] = {}
     if request.can_read_body:
         try:
-            parsed = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return _error(400, "bad_json", 'the body must be JSON such as {"user_id": "user_12345"}')
+            parsed = parse_client_json(await request.read())
+        except BadJson as exc:
+            return _error(400, "bad_json", f'the body must be JSON such as {{"user_id": "user_12345"}} ({exc.message})')
         if parsed is not None and not isinstance(parsed, dict):
             return _error(400, "bad_json", 'the body must be a JSON object such as {"user_id": "user_12345"}')
         body = parsed or {}

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import re
 import time
@@ -34,6 +33,7 @@ import soxr
 
 from edgevoice import __version__
 from edgevoice.funvoice.pipecat_frames import AudioIn, FrameError, decode, encode_audio, encode_message
+from edgevoice.server.clientjson import BadJson, parse_client_json
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -74,8 +74,8 @@ def sniff(data: bytes) -> bool:
     if isinstance(frame, AudioIn):
         return False
     try:
-        msg = json.loads(frame.data)
-    except ValueError:
+        msg = parse_client_json(frame.data)
+    except BadJson:
         return False
     return isinstance(msg, dict) and msg.get("label") == LABEL
 
@@ -447,9 +447,9 @@ class RtviSession:
 
     async def _message_in(self, text: str) -> None:
         try:
-            msg = json.loads(text)
-        except ValueError as exc:
-            await self.error(f"message frame data is not JSON ({exc})", code="bad_message")
+            msg = parse_client_json(text)
+        except BadJson as exc:
+            await self.error(f"message frame data is not JSON within the limits ({exc.message})", code="bad_message")
             return
         if not isinstance(msg, dict):
             await self.error("message frame data must be a JSON object (an RTVI message)", code="bad_message")

@@ -14,8 +14,8 @@ from aiohttp import WSCloseCode, web
 
 from edgevoice.config import Settings
 from edgevoice.metrics import METRICS, Metrics
-from edgevoice.server.keys import HEALTH_CHECKS, HEALTH_SECTIONS, NOTIFIER, SETTINGS, WEBSOCKETS
-from edgevoice.server.security import security_middleware
+from edgevoice.server.keys import HEALTH_CHECKS, HEALTH_SECTIONS, NOTIFIER, ROUTE_SURFACES, SETTINGS, WEBSOCKETS
+from edgevoice.server.security import security_middleware, warn_if_exposed
 from edgevoice.systemd import Notifier
 
 log = logging.getLogger(__name__)
@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 def new_app(settings: Settings, notifier: Notifier | None = None) -> web.Application:
     """An application with the shared keys set, no feature yet; its first cleanup context makes the state dir."""
     server = settings.server
+    warn_if_exposed(settings)
     app = web.Application(
-        middlewares=[security_middleware(server)],
+        middlewares=[security_middleware(settings)],
         client_max_size=max(server.max_frame_bytes, 1 << 20),
     )
     app[SETTINGS] = settings
@@ -33,6 +34,7 @@ def new_app(settings: Settings, notifier: Notifier | None = None) -> web.Applica
     app[HEALTH_SECTIONS] = {}
     app[HEALTH_CHECKS] = []
     app[WEBSOCKETS] = set()
+    app[ROUTE_SURFACES] = {}
     app[METRICS] = Metrics()
     app.on_shutdown.append(_close_websockets)
     app.cleanup_ctx.append(_state_dir_ctx)

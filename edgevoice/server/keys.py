@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from edgevoice.config import Settings
+from edgevoice.config import Settings, Surface
 from edgevoice.systemd import Notifier
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -21,5 +21,7 @@ HEALTH_CHECKS = web.AppKey("health_checks", list[Callable[[], bool]])
 HEALTH_DEGRADED = web.AppKey("health_degraded", list[Callable[[], str | None]])
 """Readiness: each returns why the daemon works only in part (or None); ``/health`` answers 503 with the reasons.
 Unlike HEALTH_CHECKS it keeps the watchdog ping (a restart would not help). Optional: components ``setdefault`` it."""
-WEBSOCKETS = web.AppKey("websockets", set[web.WebSocketResponse])
+WEBSOCKETS = web.AppKey("websockets", set[web.WebSocketResponse[bool]])
 """Every open WebSocket, closed on shutdown and counted against server.max_connections."""
+ROUTE_SURFACES = web.AppKey("route_surfaces", dict[str, Surface])
+"""Route (a resource's canonical path) -> the surface whose token guards it; filled by the composition root."""

@@ -1,12 +1,23 @@
 """``/asr-multicam``: several audio streams per WebSocket (AUDIO_STREAM_SCHEMA.md, version 1).
 
-Text frames carry JSON control messages, binary frames one channel byte then
-PCM. Every bad input is answered with an ``error`` message and the connection
-and its other streams go on. Messages to the client go through a bounded
-outbox written by its own task: a client that does not read never stalls
-recognition or other clients; its stale partials are dropped first, and one
-that falls ``MAX_QUEUED`` messages behind is disconnected (its streams are
-stopped as on any disconnect).
+Everything runs on the event loop: one reader task (the handler) and one writer
+task (the outbox) per connection. Text frames carry JSON control messages,
+binary frames one channel byte then PCM. Every bad input is answered with an
+``error`` message and the connection and its other streams go on: text frames
+are read as bytes, so invalid UTF-8 is an error, not a dropped connection;
+JSON goes through :func:`~edgevoice.server.clientjson.parse_client_json`
+(depth, size, number and string limits, no lone surrogates).
+
+Bounds, per connection unless said: messages to the client go through a
+bounded outbox (a client that does not read never stalls recognition or other
+clients; its stale partials are dropped first, and one ``MAX_QUEUED`` messages
+behind is disconnected); frames are read at most ``server.max_frames_per_s``
+(a flood is slowed down, never dropped, and told ``rate_limited``); frames over
+``server.max_frame_bytes`` are refused, over 4x that aiohttp closes (1009); a
+client silent for ``server.idle_timeout_s`` is closed (1008); each peer address
+may start ``server.max_stream_starts_per_min`` streams a minute, all its
+connections together. Every close is bounded (:data:`CLOSE_TIMEOUT_S`), then the
+transport is aborted. A disconnect stops (and flushes) every stream it held.
 """
 
 from __future__ import annotations
@@ -16,7 +27,9 @@ import contextlib
 import json
 import logging
 import re
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +38,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from edgevoice.config import ServerSettings
 from edgevoice.errors import CodedError, describe, identifier_field
 from edgevoice.events.hub import STREAM_HUB, HubStream, StreamError, StreamHub
+from edgevoice.server.clientjson import BadJson, parse_client_json
 from edgevoice.server.keys import SETTINGS, WEBSOCKETS
 from edgevoice.sources.pcm import FORMATS, MAX_RATE, MIN_RATE, PcmDecoder
 
@@ -37,6 +51,14 @@ MAX_QUEUED = 1024
 MAX_QUEUED_PARTIALS = 64
 """Above this many waiting messages, new partial transcripts are dropped."""
 HEARTBEAT_S = 30.0
+CLOSE_TIMEOUT_S = 5.0
+"""Longest wait for a close handshake (and for the outbox to flush before it); then the transport is aborted."""
+MAX_CONTROL_DEPTH = 8
+"""Nesting a control message may use (none of the schema's messages nests at all)."""
+MAX_CONTROL_STRING = 4096
+"""Longest string in a control message (identifiers are at most 128 characters)."""
+MAX_PEERS_TRACKED = 4096
+"""Peer addresses whose stream-start rate is remembered; beyond it peers back at full allowance are forgotten."""
 
 _LANGUAGE = re.compile(r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{1,8})?$")
 
@@ -44,17 +66,77 @@ Message = dict[str, Any]
 
 
 class ProtocolError(CodedError):
-    """Bad client input: answered with an ``error`` message, the connection stays open."""
+    """Bad client input: answered with an ``error`` message; the connection stays open unless ``fatal``."""
 
-    def __init__(self, code: str, message: str, stream_id: str | None = None) -> None:
+    def __init__(self, code: str, message: str, stream_id: str | None = None, *, fatal: bool = False) -> None:
         super().__init__(code, message)
         self.stream_id = stream_id
+        self.fatal = fatal
 
     def to_message(self) -> Message:
         msg: Message = {"type": "error", "code": self.code, "message": self.message}
         if self.stream_id is not None:
             msg["stream_id"] = self.stream_id
+        if self.fatal:
+            msg["fatal"] = True
         return msg
+
+
+class TokenBucket:
+    """``rate`` tokens a second, at most ``capacity`` saved up; the clock is injectable for tests."""
+
+    def __init__(self, rate: float, capacity: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self.capacity = capacity
+        self.clock = clock
+        self.tokens = capacity
+        self._stamp = clock()
+
+    def _refill(self) -> None:
+        now = self.clock()
+        self.tokens = min(self.capacity, self.tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+
+    def take(self) -> float:
+        """Take a token, owing it if there is none: 0.0, or the seconds to wait before using it."""
+        self._refill()
+        self.tokens -= 1
+        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+
+    def try_take(self) -> float:
+        """Take a token if there is one: 0.0, else (nothing taken) the seconds until there is."""
+        self._refill()
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+    @property
+    def full(self) -> bool:
+        self._refill()
+        return self.tokens >= self.capacity
+
+
+class PeerStartLimiter:
+    """``audio_stream_start`` allowance per peer address (``server.max_stream_starts_per_min``), daemon-wide."""
+
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_minute = per_minute
+        self.clock = clock
+        self._peers: dict[str, TokenBucket] = {}
+
+    def check(self, peer: str) -> float:
+        """Count one start for ``peer``: 0.0 when allowed, else the seconds until the next one is."""
+        bucket = self._peers.get(peer)
+        if bucket is None:
+            if len(self._peers) >= MAX_PEERS_TRACKED:
+                self._peers = {p: b for p, b in self._peers.items() if not b.full}
+            bucket = self._peers[peer] = TokenBucket(self.per_minute / 60.0, self.per_minute, self.clock)
+        return bucket.try_take()
+
+
+START_LIMITER = web.AppKey("multicam_start_limiter", PeerStartLimiter)
+"""Stream starts per peer address, shared by every /asr-multicam connection."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +177,7 @@ def parse_start(obj: Message) -> StartRequest:
         if channel is None or not 0 <= channel <= 255:
             raise ProtocolError("bad_channel", f"channel must be an integer 0–255, got {describe(obj.get('channel'))}")
         fmt = obj.get("format", "pcm_s16le")
-        if fmt not in FORMATS:
+        if not isinstance(fmt, str) or fmt not in FORMATS:
             raise ProtocolError(
                 "unsupported_format", f"format must be one of {', '.join(FORMATS)}, got {describe(fmt)}"
             )
@@ -121,12 +203,12 @@ def parse_start(obj: Message) -> StartRequest:
     return StartRequest(session_id, customer_id, stream_id, channel, fmt, rate, channels, language)
 
 
-def parse_text(data: str) -> Message:
-    """A control message as a dict with a string ``type``; raises ProtocolError."""
+def parse_text(data: str | bytes) -> Message:
+    """A control message (UTF-8 JSON text) as a dict with a string ``type``; raises ProtocolError."""
     try:
-        obj = json.loads(data)
-    except (ValueError, RecursionError) as exc:
-        raise ProtocolError("bad_json", f"text frame is not valid JSON: {exc}") from None
+        obj = parse_client_json(data, max_depth=MAX_CONTROL_DEPTH, max_string_chars=MAX_CONTROL_STRING)
+    except BadJson as exc:
+        raise ProtocolError("bad_json", f"text frame is not a usable JSON message: {exc.message}") from None
     if not isinstance(obj, dict):
         raise ProtocolError("bad_json", f"a control message must be a JSON object, got {type(obj).__name__}")
     if "type" not in obj:
@@ -139,12 +221,14 @@ def parse_text(data: str) -> Message:
 class Outbox:
     """Bounded queue of messages to one client, written by its own task."""
 
-    def __init__(self, ws: web.WebSocketResponse, max_queued: int = MAX_QUEUED) -> None:
+    def __init__(self, ws: web.WebSocketResponse[bool], max_queued: int = MAX_QUEUED) -> None:
         self.ws = ws
         self.max_queued = max_queued
         self._queue: deque[Message] = deque()
         self._partials: dict[str, Message] = {}
         self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
         self.closed = False
         self.dropped_partials = 0
         self.overflowed = False
@@ -174,31 +258,46 @@ class Outbox:
                 self.close()
                 return
         self._queue.append(msg)
+        self._idle.clear()
         self._wake.set()
 
     def close(self) -> None:
         self.closed = True
         self._wake.set()
 
+    async def flushed(self) -> None:
+        """Return once every message queued so far is written (or the outbox stopped writing)."""
+        await self._idle.wait()
+
     async def run(self) -> None:
         """Write queued messages until closed; a send error ends the connection's output."""
-        while True:
-            while not self._queue:
-                if self.closed:
+        try:
+            while True:
+                while not self._queue:
+                    self._idle.set()
+                    if self.closed:
+                        return
+                    self._wake.clear()
+                    await self._wake.wait()
+                if self.overflowed:
                     return
-                self._wake.clear()
-                await self._wake.wait()
-            if self.overflowed:
-                return
-            msg = self._queue.popleft()
-            if msg.get("type") == "transcript" and self._partials.get(msg["stream_id"]) is msg:
-                del self._partials[msg["stream_id"]]
-            try:
-                await self.ws.send_str(json.dumps(msg, ensure_ascii=False))
-            except Exception as exc:  # the peer went away
-                log.debug("send failed: %s", exc)
-                self.closed = True
-                return
+                msg = self._queue.popleft()
+                if msg.get("type") == "transcript" and self._partials.get(msg["stream_id"]) is msg:
+                    del self._partials[msg["stream_id"]]
+                try:
+                    await self._send(msg)
+                except Exception as exc:  # the peer went away
+                    log.debug("send failed: %s", exc)
+                    self.closed = True
+                    return
+        finally:
+            self._idle.set()
+
+    async def _send(self, msg: Message) -> None:
+        try:
+            await self.ws.send_str(json.dumps(msg, ensure_ascii=False))
+        except UnicodeEncodeError:  # a lone surrogate (encoding fails before anything is written): \\u escapes
+            await self.ws.send_str(json.dumps(msg))
 
 
 @dataclass(slots=True)
@@ -211,15 +310,29 @@ class _Stream:
 class Connection:
     """One /asr-multicam client and its streams."""
 
-    def __init__(self, ws: web.WebSocketResponse, hub: StreamHub, server: ServerSettings, peer: str) -> None:
+    def __init__(
+        self,
+        ws: web.WebSocketResponse[bool],
+        hub: StreamHub,
+        server: ServerSettings,
+        peer: str,
+        *,
+        starts: PeerStartLimiter | None = None,
+        abort: Callable[[], None] = lambda: None,
+    ) -> None:
         self.ws = ws
         self.hub = hub
         self.server = server
         self.peer = peer
+        self.starts = starts or PeerStartLimiter(server.max_stream_starts_per_min)
+        self.abort = abort
         self.outbox = Outbox(ws)
         self.channels: dict[int, _Stream] = {}
         self.by_id: dict[str, _Stream] = {}
         self._stopping: set[asyncio.Task[None]] = set()
+        self.frames = TokenBucket(server.max_frames_per_s, server.max_frames_per_s)
+        self.throttled = False
+        self.close_reason: str | None = None
 
     def error(self, exc: ProtocolError) -> None:
         log.debug("%s: %s %s", self.peer, exc.code, exc.message)
@@ -228,27 +341,81 @@ class Connection:
     async def run(self) -> None:
         writer = asyncio.create_task(self.outbox.run())
         try:
-            async for msg in self.ws:
-                if msg.type == WSMsgType.TEXT:
-                    self.on_text(msg.data)
-                elif msg.type == WSMsgType.BINARY:
-                    self.on_binary(msg.data)
-                elif msg.type == WSMsgType.ERROR:
-                    log.info("%s: connection error: %s", self.peer, self.ws.exception())
-                    break
-                if self.outbox.overflowed:
-                    log.warning("%s: client is not reading its messages; disconnecting it", self.peer)
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(
-                            self.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"client not reading"), 5
-                        )
-                    break
+            await self._read()
         finally:
             await self.close_streams()
             self.outbox.close()
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
+
+    async def _read(self) -> None:
+        """Read frames until the client leaves, breaks the protocol, goes idle or stops reading."""
+        idle = self.server.idle_timeout_s
+        while True:
+            try:
+                msg = await self.ws.receive(timeout=idle)
+            except asyncio.TimeoutError:
+                log.info("%s: nothing received for %.0f s (server.idle_timeout_s); closing", self.peer, idle)
+                self.error(
+                    ProtocolError(
+                        "idle_timeout",
+                        f"nothing received for {idle:g} s (server.idle_timeout_s); send a ping to stay connected",
+                        fatal=True,
+                    )
+                )
+                await self._close(WSCloseCode.POLICY_VIOLATION, "idle timeout")
+                return
+            if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                return
+            if msg.type == WSMsgType.ERROR:  # a WebSocket protocol violation: aiohttp has closed the connection
+                log.info("%s: connection closed (%s): %s", self.peer, self.ws.close_code, msg.data)
+                return
+            await self._pace()
+            try:
+                if msg.type == WSMsgType.TEXT:
+                    self.on_text(msg.data)
+                elif msg.type == WSMsgType.BINARY:
+                    self.on_binary(msg.data)
+            except Exception:  # a bug must cost one message, never the connection and its customers
+                log.exception("%s: failed to handle a %s frame", self.peer, msg.type.name)
+                self.error(ProtocolError("internal_error", "the daemon failed to handle that frame; see its log"))
+            if self.outbox.overflowed:
+                log.warning("%s: client is not reading its messages; disconnecting it", self.peer)
+                await self._close(WSCloseCode.POLICY_VIOLATION, "client not reading", flush=False)
+                return
+
+    async def _pace(self) -> None:
+        """Hold reading back to ``server.max_frames_per_s`` (TCP then slows the sender); tell the client once."""
+        wait = self.frames.take()
+        if wait <= 0:
+            self.throttled = False
+            return
+        if not self.throttled:
+            self.throttled = True
+            limit = self.server.max_frames_per_s
+            log.info("%s: more than %d frames a second; reading slowed down", self.peer, limit)
+            self.error(
+                ProtocolError(
+                    "rate_limited",
+                    f"more than server.max_frames_per_s ({limit}) frames a second: reading is slowed down to that rate"
+                    " (nothing is dropped); send larger frames",
+                )
+            )
+        await asyncio.sleep(wait)
+
+    async def _close(self, code: int, reason: str, *, flush: bool = True) -> None:
+        """Close with ``code``, each step bounded by :data:`CLOSE_TIMEOUT_S`; abort the transport if that fails."""
+        self.close_reason = reason
+        if flush:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.outbox.flushed(), CLOSE_TIMEOUT_S)
+        self.outbox.close()
+        try:
+            await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()), CLOSE_TIMEOUT_S)
+        except Exception as exc:  # the peer does not read (the close frame cannot be written) or answer
+            log.info("%s: close handshake did not finish (%s); aborting the connection", self.peer, type(exc).__name__)
+            self.abort()
 
     async def close_streams(self) -> None:
         """Stop (and flush) every stream still open; wait for stops already under way."""
@@ -259,8 +426,8 @@ class Connection:
 
     # -- input ----------------------------------------------------------------
 
-    def on_text(self, data: str) -> None:
-        if len(data) > self.server.max_frame_bytes or len(data.encode()) > self.server.max_frame_bytes:
+    def on_text(self, data: str | bytes) -> None:
+        if len(data) > self.server.max_frame_bytes:
             self.error(
                 ProtocolError(
                     "frame_too_large", f"frame exceeds server.max_frame_bytes ({self.server.max_frame_bytes})"
@@ -297,6 +464,14 @@ class Connection:
         if len(self.by_id) >= limit:
             raise ProtocolError(
                 "too_many_streams", f"server.max_streams_per_connection ({limit}) streams are open here", req.stream_id
+            )
+        wait = self.starts.check(self.peer)
+        if wait > 0:
+            raise ProtocolError(
+                "start_rate_limited",
+                f"more than server.max_stream_starts_per_min ({self.server.max_stream_starts_per_min}) stream starts"
+                f" a minute from {self.peer}; try again in {wait:.0f} s",
+                req.stream_id,
             )
         decoder = PcmDecoder(req.format, req.sample_rate, req.channels)
         try:
@@ -352,16 +527,25 @@ class Connection:
         entry.stream.feed(entry.decoder.decode(memoryview(data)[1:]))
 
 
-async def asr_multicam(request: web.Request) -> web.WebSocketResponse:
+async def asr_multicam(request: web.Request) -> web.WebSocketResponse[bool]:
     """The /asr-multicam WebSocket endpoint."""
     app = request.app
     server = app[SETTINGS].server
     # Frames up to 4x the limit are read and answered with frame_too_large; beyond that aiohttp closes (1009).
-    ws = web.WebSocketResponse(max_msg_size=server.max_frame_bytes * 4, heartbeat=HEARTBEAT_S, compress=False)
+    # Text frames arrive as bytes: invalid UTF-8 is answered with bad_json instead of closing (1007).
+    ws = web.WebSocketResponse(
+        max_msg_size=server.max_frame_bytes * 4, heartbeat=HEARTBEAT_S, compress=False, decode_text=False
+    )
     await ws.prepare(request)
     peer = request.remote or "?"
+    transport = request.transport
+
+    def abort() -> None:
+        if transport is not None:
+            transport.abort()
+
     app[WEBSOCKETS].add(ws)
-    conn = Connection(ws, app[STREAM_HUB], server, peer)
+    conn = Connection(ws, app[STREAM_HUB], server, peer, starts=app[START_LIMITER], abort=abort)
     log.debug("%s: /asr-multicam connected", peer)
     try:
         await conn.run()
@@ -373,4 +557,5 @@ async def asr_multicam(request: web.Request) -> web.WebSocketResponse:
 
 def setup(app: web.Application) -> None:
     """Serve /asr-multicam (needs the stream hub)."""
+    app[START_LIMITER] = PeerStartLimiter(app[SETTINGS].server.max_stream_starts_per_min)
     app.router.add_get(PATH, asr_multicam)

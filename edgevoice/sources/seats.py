@@ -11,7 +11,6 @@ customer is bound; it just fires no customer events.
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -19,6 +18,7 @@ from aiohttp import web
 
 from edgevoice.errors import CodedError, identifier_field
 from edgevoice.events.hub import STREAM_HUB, HubStream, StreamError
+from edgevoice.server.clientjson import BadJson, parse_client_json
 from edgevoice.sources.mic import MIC_CAPTURE
 
 log = logging.getLogger(__name__)
@@ -46,9 +46,9 @@ class SeatError(CodedError):
 async def _body(request: web.Request) -> dict[str, Any]:
     raw = await request.read()
     try:
-        body = json.loads(raw) if raw.strip() else None
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise SeatError("bad_json", f"the body is not valid JSON: {exc}") from None
+        body = parse_client_json(raw) if raw.strip() else None
+    except BadJson as exc:
+        raise SeatError("bad_json", f"the body is not valid JSON: {exc.message}") from None
     if not isinstance(body, dict):
         raise SeatError("bad_json", 'the body must be a JSON object {"session_id": ..., "customer_id": ...}')
     return body

@@ -419,7 +419,7 @@ function setConn(text, cls) {
 
 async function tokenRejected() {
   try {
-    const r = await fetch(withToken("/health"), { cache: "no-store" });
+    const r = await fetch(withToken("/dashboard/feed"), { cache: "no-store" }); // 401 on a wrong token, else 400 (not an upgrade)
     return r.status === 401;
   } catch {
     return false;
