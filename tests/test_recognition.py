@@ -208,6 +208,9 @@ TURN = [
     ("No problem at all, the kitchen will prepare it without nuts.", {"voice": "en-us+f4", "pitch": 80}),
 ]
 """A two-person turn, about 28 s of speech with no pause long enough to end it."""
+MARGIN = 0.08
+"""WER above offline's on the same clip that a streaming result may have: about 6 of the turn's 77 words.
+Pieces lose some audio context (tiny.en hears "nuts" only with 7 s before it); lost words cost far more."""
 
 
 @pytest.fixture(scope="module")
@@ -248,11 +251,11 @@ async def test_long_turn_is_committed_in_pieces_and_loses_no_words(turn: tuple[n
     hyp = " ".join(t.text for _, t in fs)
     error = wer(reference, hyp)
     print(f"streaming: {len(fs)} finals, WER {error:.3f} (offline {offline:.3f}): {[t.text for _, t in fs]}")
-    assert error <= offline * 1.15 + 0.04, hyp  # as accurate as offline, with a margin
+    assert error <= offline + MARGIN, hyp  # as accurate as offline, with a margin
     assert len(fs) >= 3, "committed piece by piece"
     assert fs[0][0] < duration / 2, f"first final only after {fs[0][0]:.1f} s of {duration:.1f} s"
     for (_, a), (_, b) in itertools.pairwise(fs):
-        assert a.end <= b.start + 0.05, "pieces in order, not overlapping"
+        assert a.start < b.start and a.end <= b.start + 0.2, "pieces in order, not overlapping (word times are approximate)"
     for _, t in fs:
         assert t.end - t.start <= rec.settings.max_utterance_s + 0.5
     words = len(hyp.split())
@@ -271,7 +274,7 @@ async def test_long_turn_at_any_pace(turn: tuple[np.ndarray, str, float]) -> Non
     hyp = " ".join(t.text for t in finals(got))
     error = wer(reference, hyp)
     print(f"paced: WER {error:.3f} (offline {offline:.3f}): {hyp}")
-    assert error <= offline * 1.15 + 0.04, hyp
+    assert error <= offline + MARGIN, hyp
 
 
 def test_transcribe_is_deterministic_under_load(turn: tuple[np.ndarray, str, float], tmp_path: Path) -> None:
@@ -304,7 +307,7 @@ def test_transcribe_is_deterministic_under_load(turn: tuple[np.ndarray, str, flo
             b.wait()
     assert first == second
     hyp = " ".join(str(s["text"]) for s in first)
-    assert wer(reference, hyp) <= offline * 1.15 + 0.04, hyp
+    assert wer(reference, hyp) <= offline + MARGIN, hyp
 
 
 async def test_refusals_are_typed(tiny: WhisperRecognizer) -> None:
@@ -394,16 +397,17 @@ async def test_failures_stay_with_their_stream() -> None:
     rec = next(_recognizer(multilingual_model=None))
     engine = rec.engine
     decode = engine.decode
-    poison = len(synth(SENTENCES[2]))
+    audios = [np.concatenate([silence(0.3), synth(s), silence(1.0)]) for s in SENTENCES[:4]]
+    quiet = 0.3 * min(float(np.abs(a).max()) for a in audios)
+    audios[2] = audios[2] * (quiet / float(np.abs(audios[2]).max()))  # stream 2 is the quiet one
 
     def flaky(requests: list[DecodeRequest]) -> list[Decoded]:
-        if any(abs(len(r.audio) - poison) < RATE // 2 and r.verify for r in requests):
+        if any(r.verify and float(np.abs(r.audio).max()) <= quiet * 1.01 for r in requests):
             raise RuntimeError("injected decode failure")
         return decode(requests)
 
     engine.decode = flaky  # type: ignore[method-assign]
     try:
-        audios = [np.concatenate([silence(0.3), synth(s), silence(1.0)]) for s in SENTENCES[:4]]
         outs = await asyncio.gather(*(run(rec, a, stream_id=f"iso-{i}") for i, a in enumerate(audios)))
     finally:
         engine.decode = decode  # type: ignore[method-assign]

@@ -74,6 +74,8 @@ COMMIT_ANY_AT = 0.6
 CUT_SLACK_S = 0.1
 """A piece is cut at the quietest point between its last word's end and the next word's start, widened by
 this much each side (word times from cross-attention are approximate)."""
+LEAD_IN_WINDOWS = 10
+"""Windows of silence (0.32 s) the piece after a commit begins with."""
 PREVIOUS_CHARS = 200
 """Committed text of the utterance the next piece is conditioned on (as offline Whisper's previous window)."""
 _SENTENCE_END = frozenset(".?!。？！")
@@ -109,6 +111,8 @@ class Job:
     """time.monotonic() when the last speech sample arrived (the latency metric); None when not an endpoint."""
     result: Decoded | None = None
     """Known text: emitted in order without a decode."""
+    lead: int = 0
+    """Samples of silence ``audio`` begins with after a commit (no word starts in them)."""
 
     def request(self, language: str | None, beam: int, *, words: bool) -> DecodeRequest:
         """What the engine decodes: finals are verified; with words, a decode that stops before the
@@ -197,6 +201,7 @@ class Stream:
         self._segment = 0
         self._next_segment = 0
         self._previous = ""
+        self._lead = 0
         self._last_speech_wall = 0.0
         self._partial_len = 0  # buffer length at the last partial request
         self._speech_len = 0  # buffer length at the last speech window
@@ -354,6 +359,7 @@ class Stream:
                 self._utt_start = self._clock - len(pre) * WINDOW
                 self._len = 0
                 self._previous = ""
+                self._lead = 0
                 for w, q in pre:
                     self._append(w, q)
                 self._append(window, prob)
@@ -412,6 +418,7 @@ class Stream:
             self._previous,
             time.monotonic(),
             speech_end_wall,
+            lead=self._lead,
         )
 
     def _speculate(self) -> None:
@@ -506,7 +513,7 @@ class Stream:
         self._partial_covered = job.start + len(job.audio)
         if result.text or self._partial_text.get(job.segment):
             self._partial_text[job.segment] = result.text
-            self.emit(self._transcript(job.segment, job.start, result.words, result.text, len(job.audio), final=False))
+            self.emit(self._transcript(job, result.words, result.text, final=False))
         if not self.is_hypothesis(job):
             return
         prev, self._hyp = self._hyp, (job.segment, list(result.words))
@@ -565,12 +572,21 @@ class Stream:
         job = self._job("commit", cut)
         job.result = Decoded(text, committed, language=self.language)
         self.finals.append(job)
+        # The next piece starts with LEAD_IN_S of silence: its first word is not at the very edge of the
+        # audio (Whisper drops a word it hears starting there). The silence stands for the stream time
+        # just before the cut, so word times stay stream times.
+        lead = min(cut, LEAD_IN_WINDOWS * WINDOW)
         remaining = self._len - cut
-        self._buf[:remaining] = self._buf[cut : self._len]
-        self._probs[: remaining // WINDOW] = self._probs[cut // WINDOW : self._len // WINDOW]
-        self._len = remaining
-        self._speech_len = max(0, self._speech_len - cut)
-        self._utt_start += cut
+        self._buf[lead : lead + remaining] = self._buf[cut : self._len].copy()
+        self._buf[:lead] = 0.0
+        self._probs[lead // WINDOW : (lead + remaining) // WINDOW] = self._probs[
+            cut // WINDOW : self._len // WINDOW
+        ].copy()
+        self._probs[: lead // WINDOW] = 0.0
+        self._len = lead + remaining
+        self._speech_len = max(0, self._speech_len - cut) + lead
+        self._utt_start += cut - lead
+        self._lead = lead
         if text:
             self._previous = (self._previous + " " + text).strip()[-PREVIOUS_CHARS:]
         self._new_segment()
@@ -593,7 +609,7 @@ class Stream:
         shown = self._partial_text.pop(job.segment, None)
         if not text and not shown:
             return []
-        t = self._transcript(job.segment, job.start, result.words, text, len(job.audio), final=True)
+        t = self._transcript(job, result.words, text, final=True)
         parts = [t]
         if self.diarizer is not None and text:
             try:
@@ -604,15 +620,20 @@ class Stream:
             self.emit(p)
         return parts
 
-    def _transcript(
-        self, segment: int, start: int, words: list[DecodedWord], text: str, length: int, *, final: bool
-    ) -> Transcript:
-        offset = start / SAMPLE_RATE
+    def _transcript(self, job: Job, words: list[DecodedWord], text: str, *, final: bool) -> Transcript:
+        offset = job.start / SAMPLE_RATE
+        first = job.lead / SAMPLE_RATE  # nothing is said in the lead-in silence
         ws = tuple(
-            Word(w.text.strip(), round(offset + w.start, 3), round(offset + w.end, 3), w.probability) for w in words
+            Word(
+                w.text.strip(),
+                round(offset + max(w.start, first), 3),
+                round(offset + max(w.end, first), 3),
+                w.probability,
+            )
+            for w in words
         )
-        t0 = ws[0].start if ws else offset
-        t1 = ws[-1].end if ws else (start + length) / SAMPLE_RATE
+        t0 = ws[0].start if ws else offset + first
+        t1 = ws[-1].end if ws else (job.start + len(job.audio)) / SAMPLE_RATE
         return Transcript(
             stream_id=self.stream_id,
             text=text,
@@ -621,7 +642,7 @@ class Stream:
             end=round(max(t1, t0), 3),
             words=ws,
             language=self.language,
-            segment=segment,
+            segment=job.segment,
         )
 
     def settle(self) -> None:
