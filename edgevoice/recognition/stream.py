@@ -74,6 +74,8 @@ COMMIT_ANY_AT = 0.6
 CUT_SLACK_S = 0.1
 """A piece is cut at the quietest point between its last word's end and the next word's start, widened by
 this much each side (word times from cross-attention are approximate)."""
+CUT_AFTER_S = 0.25
+"""Furthest a cut goes past the end of the last committed word."""
 LEAD_IN_WINDOWS = 10
 """Windows of silence (0.32 s) the piece after a commit begins with."""
 PREVIOUS_CHARS = 200
@@ -557,10 +559,13 @@ class Stream:
         """Finalize ``words[:k]`` and trim the buffer at the quietest point after them; with k == 0, at the
         quietest point in the two seconds before ``limit_s`` (nothing was said there)."""
         if k:
-            # Never into the next word (its text is not committed): word times are approximate, and a
-            # clipped last word of this piece costs nothing (its text is known).
-            lo = words[k - 1].end - CUT_SLACK_S
-            hi = words[k].start - CUT_SLACK_S / 2 if k < len(words) else words[k - 1].end + 3 * CUT_SLACK_S
+            # Just after the last committed word, never into the next one: audio past the cut that no
+            # committed word covers would be lost if the decoder skipped a word there, so the cut stays
+            # within CUT_AFTER_S of the word's end; a clipped last word costs nothing (its text is known).
+            lo = words[k - 1].end - CUT_SLACK_S / 2
+            hi = words[k - 1].end + CUT_AFTER_S
+            if k < len(words):
+                hi = min(hi, words[k].start - CUT_SLACK_S / 2)
             hi = max(hi, lo + WINDOW / SAMPLE_RATE)
         else:
             lo, hi = max(0.0, limit_s - 2.0), limit_s
