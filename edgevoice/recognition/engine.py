@@ -48,9 +48,11 @@ HOP = 160
 """Audio samples per mel frame."""
 FULL_FRAMES = 3000
 """Mel frames of Whisper's native 30 s window (the encoder halves them)."""
-FIT_PAD_S = 1.0
+FIT_PAD_S = float(__import__("os").environ.get("PAD", "1.0"))
 """Silence encoded after the audio in a shared window (the encoder sees where the speech ends)."""
-BUCKET_S = 2
+SHARED_TAIL_S = float(__import__("os").environ.get("TAIL", "10"))
+"""Silence after the audio in a shared window, up to 30 s in all (the decoder attends to every frame)."""
+BUCKET_S = int(__import__("os").environ.get("BUCKET", "2"))
 """Encoded lengths are rounded up to a multiple of this: requests of one length share an encoder call,
 and a request's encoder input depends on its own audio only, never on what it is batched with."""
 ENCODE_BUDGET_S = 120.0
@@ -426,15 +428,20 @@ class Engine:
                 if frames == FULL_FRAMES:
                     self.full_windows += len(part)
                 for w, enc in zip(part, encoded, strict=True):
-                    w.encoded = enc if frames == FULL_FRAMES else np.concatenate([enc, self._silence[frames // 2 :]])
+                    w.encoded = (
+                        enc
+                        if frames == FULL_FRAMES
+                        else np.concatenate([enc, self._silence[frames // 2 : _tail_end(frames)]])
+                    )
 
     def _generate_all(self, work: list[_Work]) -> None:
         """One generate call per language, beam width and prompt length (CTranslate2 needs them equal)."""
-        groups: dict[tuple[str | None, int, int], list[_Work]] = {}
+        groups: dict[tuple[str | None, int, int, int], list[_Work]] = {}
         for w in work:
             previous = self._previous_tokens(w.request)
-            groups.setdefault((w.request.language, w.request.beam_size, len(previous)), []).append(w)
-        for (language, beam, _), group in groups.items():
+            key = (w.request.language, w.request.beam_size, len(previous), len(_encoded(w)))
+            groups.setdefault(key, []).append(w)
+        for (language, beam, _, _), group in groups.items():
             for i in range(0, len(group), GENERATE_BATCH):
                 self._generate(group[i : i + GENERATE_BATCH], language, beam)
 
@@ -511,11 +518,11 @@ class Engine:
         for w in work:
             assert w.result is not None
             if w.result.tokens:
-                by_lang.setdefault(w.result.language or "en", []).append(w)
-        for lang, group in by_lang.items():
+                by_lang.setdefault(f"{w.result.language or 'en'}:{len(_encoded(w))}", []).append(w)
+        for key, group in by_lang.items():
             import ctranslate2
 
-            tok = self._tokenizer(lang)
+            tok = self._tokenizer(key.split(":")[0])
             for i in range(0, len(group), GENERATE_BATCH):
                 part = group[i : i + GENERATE_BATCH]
                 encoded = ctranslate2.StorageView.from_array(
@@ -558,3 +565,8 @@ def _uncovered(w: _Work) -> bool:
 def language_code(language: str) -> str:
     """``vi-VN`` -> ``vi``."""
     return language.replace("_", "-").split("-")[0].lower()
+
+
+def _tail_end(frames: int) -> int:
+    """Encoder frames (of 1500) a shared window ends at: its audio plus SHARED_TAIL_S of silence."""
+    return min(FULL_FRAMES, frames + int(SHARED_TAIL_S * 100)) // 2
