@@ -101,6 +101,29 @@ async def test_a_seat_rebound_mid_sentence_credits_the_last_words_to_the_old_cus
     assert receiver.events("cust_b") == ["SESSION_END"]
 
 
+@pytest.mark.skipif(not have_espeak(), reason="needs espeak-ng")
+async def test_recognized_returns_once_the_finals_before_a_sample_are_out(recognizer: WhisperRecognizer) -> None:
+    """The recognition side of the handover: RecognitionStream.recognized(sample)."""
+    got: list[Transcript] = []
+    stream = recognizer.open_stream("rec_1", language=None, on_transcript=got.append)
+    speech = np.concatenate([silence(0.5), synth("Could we have some water please?")])
+    for i in range(0, len(speech), 1600):
+        stream.feed(speech[i : i + 1600])
+    waiting = asyncio.ensure_future(stream.recognized(len(speech)))
+    await asyncio.sleep(1.0)
+    assert not waiting.done()  # the sentence has not ended: its final cannot be out
+    stream.feed(silence(1.5))
+    await asyncio.wait_for(waiting, 60)
+    finals = [t for t in got if t.final]
+    assert finals and "water" in " ".join(t.text for t in finals).lower()
+    await asyncio.wait_for(stream.recognized(len(speech)), 5)  # already there: at once
+    later = asyncio.ensure_future(stream.recognized(10 * len(speech)))  # audio that never comes
+    await asyncio.sleep(0.5)
+    assert not later.done()
+    stream.close()  # a closed stream releases every waiter
+    await asyncio.wait_for(later, 5)
+
+
 def test_a_final_across_the_unbind_point_is_split_by_word_time() -> None:
     reg = SessionRegistry()
     a, b = reg.attach(S, "cust_a", "seat#1"), reg.attach(S, "cust_b", "seat#2")
