@@ -5,8 +5,10 @@ component's ``setup(app)`` may use what a component before it put in the
 application (an app key, a health section, a subscription), never what one after
 it provides. aiohttp enters the cleanup contexts in this order and leaves them in
 reverse, so a provider outlives its consumers: the hub stops (flushing every
-stream, firing SESSION_END) before the spool closes. Nothing imports this module
-but the process (:mod:`edgevoice.daemon`) and tests.
+stream, firing SESSION_END) before the spool closes. The shutdown phases
+(:mod:`edgevoice.server.lifecycle`) follow the same rule: a phase's hooks run
+consumers first, so in ``drain`` the hub commits its events before delivery stops.
+Nothing imports this module but the process (:mod:`edgevoice.daemon`) and tests.
 """
 
 from __future__ import annotations
@@ -21,16 +23,32 @@ from edgevoice.events import hub
 from edgevoice.server import health
 from edgevoice.server.kernel import new_app
 from edgevoice.server.keys import ROUTE_SURFACES
+from edgevoice.server.lifecycle import LIFECYCLE, Phase
 from edgevoice.sources import mic, multicam, seats
 from edgevoice.systemd import Notifier
 
 Setup = Callable[[web.Application], None]
 
+
+def _delivery(app: web.Application) -> None:
+    """The event queue; in the shutdown's ``drain`` (after the hub committed its events) the sender stops."""
+    delivery.setup(app)
+    from edgevoice.delivery.service import DELIVERY
+
+    service = app[DELIVERY]
+
+    async def stop_sending() -> str:
+        await service.close()
+        return "sender stopped, spool committed and closed"
+
+    app[LIFECYCLE].on(Phase.DRAIN, "delivery", stop_sending)
+
+
 COMPONENTS: tuple[tuple[str, Setup], ...] = (
     # Beside the data flow; first so that /health leads with the FunVoiceChat document's sections, in its order.
     ("funvoice", funvoice.setup),
     # Provides app[EVENT_QUEUE]: up before anything can fire an event, closed after the last one.
-    ("delivery", delivery.setup),
+    ("delivery", _delivery),
     # Provides app[RECOGNIZER].
     ("recognition", recognition.setup),
     # Consumes the recognizer and the event queue; provides app[STREAM_HUB], where every source opens its streams.

@@ -127,8 +127,8 @@ class ServerSettings(_Section):
     """audio_stream_start messages per minute from one peer address, all its connections together (bursts of a minute's worth); more are refused with start_rate_limited."""
     idle_timeout_s: float = Field(300.0, ge=1)
     """An /asr-multicam client that sends nothing for this long is told idle_timeout and closed (1008); a ping keeps it open."""
-    shutdown_timeout_s: float = Field(10.0, gt=0)
-    """Time allowed on SIGTERM to flush streams and close connections before exiting."""
+    shutdown_timeout_s: float | None = Field(None, gt=0)
+    """Deprecated and ignored (logged at start): the [shutdown] section budgets each shutdown phase."""
 
     def bearer_token(self) -> str | None:
         """The configured token, read from token or token_file."""
@@ -347,6 +347,60 @@ class EventsSettings(_Section):
         return sorted(set(v))
 
 
+class SessionSettings(_Section):
+    """Customer sessions on streams: what is kept of their words, and how a mic seat hands over."""
+
+    max_transcript_chars: int = Field(20_000, ge=200, le=1_000_000)
+    """Final text kept per customer session and per stream; the oldest is dropped first (shown as a leading "…"). Bounds memory on long-lived mic seats, the FULL TRANSCRIPT log line and full_transcript."""
+    unbind_flush_s: float = Field(30.0, gt=0, le=600)
+    """After a mic seat is unbound: how long recognition may take to reach the unbind point (the customer's last words) before SESSION_END fires anyway."""
+
+
+class ShutdownSettings(_Section):
+    """The shutdown phases on SIGTERM, in data-flow order, each with its own budget in seconds.
+
+    A phase that overruns its budget is logged, the next phase still runs, and the process
+    exits with status 1. Keep total_s() below the unit's TimeoutStopSec (35 s; docs/deploy.md)."""
+
+    stop_accepting_s: float = Field(1.0, gt=0, le=60)
+    """Close the listening sockets; refuse new WebSocket upgrades, streams and seat bindings."""
+    flush_s: float = Field(10.0, gt=0, le=300)
+    """Every open recognition stream recognizes what it received: its last finals and keywords."""
+    end_sessions_s: float = Field(2.0, gt=0, le=60)
+    """Every stream ends: SESSION_END for every open customer."""
+    drain_s: float = Field(5.0, gt=0, le=300)
+    """Every fired event committed to the spool (failed submits retried), then the sender stops and the spool closes."""
+    deliver_s: float = Field(2.0, ge=0, le=300)
+    """Part of drain_s: how long the sender may go on delivering this run's waiting events before it stops (best effort: what is left is sent after the next start)."""
+    close_s: float = Field(3.0, gt=0, le=60)
+    """WebSocket close handshakes; a client that does not answer in time (or stopped reading) is cut off."""
+    stop_s: float = Field(6.0, gt=0, le=300)
+    """Stop every component: in-flight HTTP requests, audio devices, the recognition thread."""
+
+    @model_validator(mode="after")
+    def _deliver_within_drain(self) -> ShutdownSettings:
+        if self.deliver_s >= self.drain_s:
+            raise ValueError(
+                f"deliver_s ({self.deliver_s}) must be less than drain_s ({self.drain_s}): it is part of it"
+            )
+        return self
+
+    def budgets(self) -> dict[str, float]:
+        """Each phase's budget, in the order the phases run."""
+        return {
+            "stop_accepting": self.stop_accepting_s,
+            "flush": self.flush_s,
+            "end_sessions": self.end_sessions_s,
+            "drain": self.drain_s,
+            "close": self.close_s,
+            "stop": self.stop_s,
+        }
+
+    def total_s(self) -> float:
+        """The longest a clean shutdown may take: the sum of the phase budgets."""
+        return sum(self.budgets().values())
+
+
 class DiarizationSettings(_Section):
     """Who spoke: speaker labels on transcripts."""
 
@@ -554,6 +608,10 @@ class DashboardSettings(_Section):
     """How often the live feed sends a status snapshot (spool, per-stream lag and level, devices, model, Gemini)."""
     history: int = Field(300, ge=0, le=10000)
     """Recent feed messages (stream starts and stops, final text, keyword events, deliveries) replayed to a page that connects."""
+    history_bytes: int = Field(1 << 20, ge=0, le=64 << 20)
+    """Most bytes (of JSON) of those recent messages; the oldest go first when either bound is reached."""
+    max_queue_bytes: int = Field(4 << 20, ge=64 << 10, le=256 << 20)
+    """Bytes of feed messages waiting for one page that reads slowly; beyond it the page gets a fresh hello instead."""
 
 
 class LoggingSettings(_Section):
@@ -593,11 +651,13 @@ class Settings(BaseSettings):
     asr: AsrSettings = AsrSettings()
     keywords: KeywordSettings = KeywordSettings()
     events: EventsSettings = EventsSettings()
+    sessions: SessionSettings = SessionSettings()
     diarization: DiarizationSettings = DiarizationSettings()
     mic: MicSettings = MicSettings()
     funvoice: FunVoiceSettings = FunVoiceSettings()
     dashboard: DashboardSettings = DashboardSettings()
     logging: LoggingSettings = LoggingSettings()
+    shutdown: ShutdownSettings = ShutdownSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -1,4 +1,4 @@
-"""The process: serve the app, speak the systemd notify protocol, handle every signal, shut down in order.
+"""The process: serve the app, speak the systemd notify protocol, handle every signal, shut down in phases.
 
 Everything here runs on the event loop. The signal handlers are installed for the
 whole run, start-up included (:class:`Signals`):
@@ -11,12 +11,15 @@ whole run, start-up included (:class:`Signals`):
   time (:func:`edgevoice.app.reload`: the keyword rules). A bad file is logged and
   the current rules are kept; a SIGHUP during start-up is applied once serving.
 
-The shutdown sequence (:func:`shutdown`), in data-flow order, is bounded by
-``server.shutdown_timeout_s`` + 5 s: STOPPING=1 and the watchdog stopped; then the
-application's cleanup: close the WebSockets (the kernel's ``on_shutdown``), then
-every component's cleanup context in reverse start-up order (sources stop, the
-hub flushes every stream and fires SESSION_END, recognition stops, the spool
-commits and closes).
+The shutdown (:func:`shutdown`) runs the phases of :mod:`edgevoice.server.lifecycle`
+in data-flow order, each within its own budget from ``[shutdown]``: STOPPING=1 and
+the watchdog stopped; ``stop_accepting`` (the listening sockets close here) →
+``flush`` → ``end_sessions`` → ``drain`` → ``close`` → ``stop`` (aiohttp's cleanup:
+every component's cleanup context in reverse start-up order). Each phase logs what it
+did. A phase that overruns its budget is abandoned (logged with what it was doing) and
+the next one runs; the process then exits with status 1 at once, without waiting
+for what is stuck, so the whole stop stays within ``shutdown.total_s()`` and the
+unit's ``TimeoutStopSec``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -35,6 +38,7 @@ from aiohttp import web
 from edgevoice import app as composition
 from edgevoice.config import Settings, load_settings
 from edgevoice.server.keys import HEALTH_CHECKS
+from edgevoice.server.lifecycle import LIFECYCLE, Hook, Phase, Registered
 from edgevoice.server.security import ssl_context
 from edgevoice.systemd import Notifier, run_watchdog, watchdog_interval
 
@@ -42,8 +46,10 @@ log = logging.getLogger("edgevoice")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 RELOAD_SIGNAL = signal.SIGHUP
-SHUTDOWN_GRACE_S = 5.0
-"""Added to ``server.shutdown_timeout_s`` (aiohttp's own bound on closing connections) for the whole sequence."""
+OVERRUN_STATUS = 1
+"""Exit status when a shutdown phase did not finish within its budget."""
+REQUEST_GRACE_S = 1.0
+"""In ``stop``: how long in-flight HTTP requests may still run (at most half of shutdown.stop_s)."""
 
 
 def force_exit(status: int) -> None:
@@ -131,11 +137,18 @@ class Reloader:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-async def serve(settings: Settings, notifier: Notifier | None = None, *, config_path: Path | None = None) -> int:
+async def serve(
+    settings: Settings,
+    notifier: Notifier | None = None,
+    *,
+    config_path: Path | None = None,
+    exit_now: Callable[[int], None] | None = force_exit,
+) -> int:
     """Run until SIGTERM/SIGINT; return the process exit status.
 
     ``config_path`` is the file ``settings`` came from (SIGHUP re-reads it); None looks it up again as
-    :func:`~edgevoice.config.load_settings` does.
+    :func:`~edgevoice.config.load_settings` does. ``exit_now`` is called with the status when a shutdown
+    phase overran (the default leaves the process at once); None returns the status instead.
     """
     notifier = notifier or Notifier()
     started = time.monotonic()
@@ -143,8 +156,11 @@ async def serve(settings: Settings, notifier: Notifier | None = None, *, config_
     signals = Signals(on_reload=reloader.request)
     signals.install()
     try:
+        if settings.server.shutdown_timeout_s is not None:
+            log.warning("server.shutdown_timeout_s is no longer used: the [shutdown] section budgets each phase")
         app = composition.build_app(settings, notifier)
-        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=settings.server.shutdown_timeout_s)
+        grace = min(REQUEST_GRACE_S, settings.shutdown.stop_s / 2)
+        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=grace)
         if not await start(runner, settings, notifier):
             return 1
         log.info(
@@ -163,7 +179,10 @@ async def serve(settings: Settings, notifier: Notifier | None = None, *, config_
             watchdog = asyncio.create_task(run_watchdog(notifier, interval, lambda: all(c() for c in checks)))
         await signals.stop_requested.wait()
         await reloader.close()
-        return await shutdown(runner, settings, notifier, watchdog)
+        status = await shutdown(runner, settings, notifier, watchdog)
+        if status and exit_now is not None:
+            exit_now(status)
+        return status
     finally:
         signals.remove()
 
@@ -189,16 +208,87 @@ async def start(runner: web.AppRunner, settings: Settings, notifier: Notifier) -
 async def shutdown(
     runner: web.AppRunner, settings: Settings, notifier: Notifier, watchdog: asyncio.Task[None] | None
 ) -> int:
-    """The shutdown sequence (see the module docstring); returns the exit status."""
-    log.info("stopping: draining streams and connections")
+    """The shutdown phases (see the module docstring); returns the exit status (1 if a phase overran)."""
+    budgets = settings.shutdown.budgets()
+    log.info(
+        "stopping: %s (%.0f s at most)",
+        ", ".join(f"{name} {budget:g} s" for name, budget in budgets.items()),
+        settings.shutdown.total_s(),
+    )
     notifier.stopping()
     if watchdog is not None:
         watchdog.cancel()
-    budget = settings.server.shutdown_timeout_s + SHUTDOWN_GRACE_S
-    try:
-        await asyncio.wait_for(runner.cleanup(), timeout=budget)
-    except asyncio.TimeoutError:
-        log.error("shutdown took longer than %.0f s; exiting anyway", budget)
-    log.info("stopped")
+    lifecycle = runner.app[LIFECYCLE]
+
+    async def stop_listening() -> str:
+        lifecycle.stopping = True
+        sites = list(runner.sites)
+        for site in sites:
+            await site.stop()
+        return f"{len(sites)} listening socket(s) closed, new WebSocket upgrades refused"
+
+    async def cleanup() -> None:
+        await runner.cleanup()
+
+    overran: list[str] = []
+    for phase in Phase:
+        hooks = lifecycle.hooks(phase)
+        if phase is Phase.STOP_ACCEPTING:
+            hooks.insert(0, Registered("server", stop_listening))
+        if not await run_phase(phase.value, budgets[phase.value], hooks, notifier):
+            overran.append(phase.value)
+    if not await run_phase("stop", budgets["stop"], [Registered("components", _no_account(cleanup))], notifier):
+        overran.append("stop")
+    if overran:
+        log.error("stopped: shutdown phase(s) %s did not finish; exit status %d", ", ".join(overran), OVERRUN_STATUS)
+    else:
+        log.info("stopped")
     notifier.close()
-    return 0
+    return OVERRUN_STATUS if overran else 0
+
+
+def _no_account(fn: Callable[[], Awaitable[None]]) -> Hook:
+    async def hook() -> str | None:
+        await fn()
+        return None
+
+    return hook
+
+
+async def run_phase(name: str, budget: float, hooks: list[Registered], notifier: Notifier | None = None) -> bool:
+    """Run ``hooks`` one after another within ``budget`` seconds; False (logged) if they did not all finish.
+
+    An overrun abandons the phase at once: its task is cancelled but not waited for (whatever it
+    was stuck on may not end), and the caller goes on with the next phase.
+    """
+    if notifier is not None:
+        notifier.status(f"stopping: {name}")
+    started = time.monotonic()
+    current = ["-"]
+    failed: list[str] = []
+
+    async def run_all() -> None:
+        for registered in hooks:
+            current[0] = registered.name
+            try:
+                account = await registered.hook()
+            except Exception:
+                log.exception("shutdown phase %s: %s failed", name, registered.name)
+                failed.append(registered.name)
+                continue
+            if account:
+                log.info("shutdown phase %s: %s: %s", name, registered.name, account)
+
+    task = asyncio.ensure_future(run_all())
+    done, _ = await asyncio.wait({task}, timeout=budget)
+    if not done:
+        task.cancel()
+        log.error(
+            "shutdown phase %s did not finish within its budget of %.1f s (still in %s); going on",
+            name,
+            budget,
+            current[0],
+        )
+        return False
+    log.info("shutdown phase %s done in %.2f s", name, time.monotonic() - started)
+    return not failed

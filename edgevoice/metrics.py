@@ -48,6 +48,12 @@ class Metrics:
         )
         self.words = Counter("edgevoice_words", "Words in final transcripts", registry=r)
         self.keyword_events = Counter("edgevoice_keyword_events", "Customer events fired", ["event"], registry=r)
+        self.event_submit_failures = Counter(
+            "edgevoice_event_submit_failures",
+            "Hand-offs of fired events to the event queue that failed and are retried",
+            ["kind"],
+            registry=r,
+        )
         self.deliveries = Counter("edgevoice_deliveries", "Delivery attempts by outcome", ["outcome"], registry=r)
         self.spool_events = Counter(
             "edgevoice_spool_events", "Events accepted into / refused or dropped by the spool", ["outcome"], registry=r

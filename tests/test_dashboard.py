@@ -235,3 +235,28 @@ async def test_without_a_token_everything_is_open(aiohttp_client: Any) -> None:
     ws = await client.ws_connect("/dashboard/feed")
     assert (await frames(ws))[0]["type"] == "hello"
     await ws.close()
+
+
+async def test_a_page_queue_and_the_history_are_bounded_by_bytes(aiohttp_client: Any) -> None:
+    """Few but large messages (long finals, full transcripts) cannot pile up either: the bounds count bytes."""
+    big = json.dumps({"type": "transcript", "text": "x" * 20_000})
+    page = _Page(web.WebSocketResponse(), max_bytes=100_000)
+    for _ in range(4):  # 4 x 20 kB: within the bound
+        page.push(big)
+    assert not page.resync and 80_000 < page.pending_bytes <= 100_000
+    page.push(big)
+    assert page.resync and not page.pending and page.pending_bytes == 0
+    viet = _Page(web.WebSocketResponse(), max_bytes=100_000)
+    viet.push("à" * 40_000)  # 80 000 bytes in UTF-8
+    viet.push("à" * 15_000)
+    assert viet.resync, "the bound counts UTF-8 bytes, not characters"
+
+    app = make_app(history=300, history_bytes=64 * 1024)
+    client = await aiohttp_client(app)
+    for i in range(50):
+        app[FEED].publish({"type": "transcript", "stream_id": "a", "text": f"{i} " + "x" * 20_000, "final": True})
+    ws = await client.ws_connect("/dashboard/feed", params={"token": TOKEN})
+    [hello] = await frames(ws)
+    texts = [m["text"] for m in hello["history"]]
+    assert 1 <= len(texts) <= 3 and texts[-1].startswith("49 ")
+    await ws.close()

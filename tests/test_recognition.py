@@ -255,7 +255,9 @@ async def test_long_turn_is_committed_in_pieces_and_loses_no_words(turn: tuple[n
     assert len(fs) >= 3, "committed piece by piece"
     assert fs[0][0] < duration / 2, f"first final only after {fs[0][0]:.1f} s of {duration:.1f} s"
     for (_, a), (_, b) in itertools.pairwise(fs):
-        assert a.start < b.start and a.end <= b.start + 0.2, "pieces in order, not overlapping (word times are approximate)"
+        assert a.start < b.start and a.end <= b.start + 0.2, (
+            "pieces in order, not overlapping (word times are approximate)"
+        )
     for _, t in fs:
         assert t.end - t.start <= rec.settings.max_utterance_s + 0.5
     words = len(hyp.split())

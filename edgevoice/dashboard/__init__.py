@@ -109,7 +109,12 @@ def setup(app: web.Application) -> None:
     """Add the page, its feed and ``/metrics`` as ``settings.dashboard`` asks. Call after the hub and queue."""
     settings = app[SETTINGS].dashboard
     if settings.enabled:
-        app[FEED] = Feed(app, history=settings.history)
+        app[FEED] = Feed(
+            app,
+            history=settings.history,
+            history_bytes=settings.history_bytes,
+            max_queue_bytes=settings.max_queue_bytes,
+        )
         app.router.add_get("/", get_index)
         app.router.add_static(STATIC_PREFIX, STATIC_DIR, follow_symlinks=False, show_index=False)
         app.router.add_get("/dashboard/feed", get_feed)

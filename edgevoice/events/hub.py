@@ -6,17 +6,34 @@ most once per customer session and ``SESSION_END`` when the customer's last
 stream ends, logs as the seed did, and hands the events to an
 :class:`~edgevoice.events.submission.EventSubmitter` (ordered per customer) and
 a live copy of everything to a :class:`~edgevoice.broadcast.Broadcast` of
-subscribers (the dashboard). Bounded by ``server.max_streams``.
+subscribers (the dashboard). Bounded by ``server.max_streams``; each stream and
+customer session keeps at most ``sessions.max_transcript_chars`` of final text.
+
+A customer's time on a stream is a :class:`Binding` from one stream sample to
+another: finals are attributed by their audio time (word by word when the words
+have times), so when a mic seat is unbound and rebound the last words of the old
+customer, still being decoded, are theirs, and their ``SESSION_END`` fires only once
+recognition has passed the unbind point (``RecognitionStream.recognized``, bounded
+by ``sessions.unbind_flush_s``).
+
+Shutdown (:mod:`edgevoice.server.lifecycle`): the hub refuses new streams and
+bindings (``stop_accepting``), flushes every recognition stream (``flush``), ends
+every stream and customer (``end_sessions``) and waits for every event to be
+committed, then gives delivery ``shutdown.deliver_s`` to send this run's events
+(``drain``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,12 +45,13 @@ from edgevoice.config import KeywordSettings, Settings
 from edgevoice.delivery.api import EVENT_QUEUE, DeliveryUpdate, EventQueue
 from edgevoice.errors import CodedError, RecognizerError
 from edgevoice.events.keywords import KeywordMatcher
-from edgevoice.events.sessions import CustomerSession, SessionRegistry
+from edgevoice.events.sessions import BoundedText, CustomerSession, SessionJournal, SessionRegistry
 from edgevoice.events.submission import EventSubmitter
 from edgevoice.metrics import METRICS, Metrics
 from edgevoice.recognition import RECOGNIZER
-from edgevoice.recognition.types import SAMPLE_RATE, RecognitionStream, Recognizer, Transcript
+from edgevoice.recognition.types import SAMPLE_RATE, RecognitionStream, Recognizer, Transcript, Word
 from edgevoice.server.keys import HEALTH_SECTIONS, SETTINGS
+from edgevoice.server.lifecycle import LIFECYCLE, Phase
 
 log = logging.getLogger("edgevoice.events")
 
@@ -44,6 +62,10 @@ Subscriber = Callable[[Message], None]
 """Receives every hub message with ``source``, ``lag_s`` and ``level`` added (called on the loop; must not block)."""
 
 SILENCE_DBFS = -100.0
+FINAL_STATES = frozenset({"delivered", "dead", "dropped"})
+"""Delivery states after which an event no longer waits to be sent."""
+MAX_TRACKED = 10_000
+"""This run's undelivered events followed for the shutdown's delivery wait (beyond: not waited for)."""
 
 
 class StreamError(CodedError):
@@ -57,6 +79,20 @@ def _dbfs(audio: np.ndarray) -> float:
     return max(SILENCE_DBFS, 20 * math.log10(rms)) if rms > 0 else SILENCE_DBFS
 
 
+@dataclass(eq=False, slots=True)
+class Binding:
+    """A customer on a stream from stream sample ``start`` to ``end`` (None while bound)."""
+
+    customer: CustomerSession
+    token: str
+    """Unique per binding: the customer session counts its open bindings by it."""
+    start: int
+    end: int | None = None
+
+    def covers(self, sample: int) -> bool:
+        return self.start <= sample and (self.end is None or sample < self.end)
+
+
 class HubStream:
     """One open audio stream; sources feed it 16 kHz mono float32 and stop it once."""
 
@@ -67,6 +103,7 @@ class HubStream:
         language: str | None,
         listener: StreamListener | None,
         *,
+        max_chars: int,
         audio_seconds: Counter,
         on_stop: Callable[[HubStream], Awaitable[str]],
     ) -> None:
@@ -74,11 +111,13 @@ class HubStream:
         self.source = source
         self.language = language
         self.listener = listener
-        self.customer: CustomerSession | None = None
+        self.bindings: list[Binding] = []
+        """The current binding (last, open) and ended ones whose last words are still being recognized."""
         self.recognition: RecognitionStream | None = None
-        self.parts: list[str] = []
+        self.text = BoundedText(max_chars)
         self.level = SILENCE_DBFS
-        self.audio_s = 0.0
+        self.samples = 0
+        """Samples fed so far: the stream clock that bindings and transcript times count in."""
         self.started = time.time()
         self.stopping = False
         self._audio_seconds = audio_seconds
@@ -87,12 +126,30 @@ class HubStream:
         self._stop_task: asyncio.Future[str] | None = None
 
     @property
+    def binding(self) -> Binding | None:
+        """The customer bound now, if any."""
+        if self.bindings and self.bindings[-1].end is None:
+            return self.bindings[-1]
+        return None
+
+    @property
+    def customer(self) -> CustomerSession | None:
+        binding = self.binding
+        return binding.customer if binding else None
+
+    @property
     def session_id(self) -> str | None:
-        return self.customer.session_id if self.customer else None
+        customer = self.customer
+        return customer.session_id if customer else None
 
     @property
     def customer_id(self) -> str | None:
-        return self.customer.customer_id if self.customer else None
+        customer = self.customer
+        return customer.customer_id if customer else None
+
+    @property
+    def audio_s(self) -> float:
+        return self.samples / SAMPLE_RATE
 
     @property
     def lag_s(self) -> float:
@@ -100,8 +157,8 @@ class HubStream:
 
     @property
     def transcript(self) -> str:
-        """Every final text of this stream so far."""
-        return " ".join(self.parts)
+        """The stream's final text (the oldest dropped beyond ``sessions.max_transcript_chars``)."""
+        return str(self.text)
 
     def ids(self) -> Message:
         """The stream's customer ids (None when no customer is bound) for hub messages."""
@@ -112,10 +169,34 @@ class HubStream:
         if self.stopping or self.recognition is None or audio.size == 0:
             return
         self.level = _dbfs(audio)
-        seconds = audio.size / SAMPLE_RATE
-        self.audio_s += seconds
-        self._audio_seconds.inc(seconds)
-        self.recognition.feed(audio)
+        self.recognition.feed(audio)  # raises on bad audio: then it is not on the stream clock either
+        self.samples += audio.size
+        self._audio_seconds.inc(audio.size / SAMPLE_RATE)
+
+    def attribute(self, t: Transcript) -> list[tuple[Binding | None, str]]:
+        """Split a transcript's text between the bindings its audio lies in (word times; else its start)."""
+        text = t.text.strip()
+        bindings = self.bindings
+        if not bindings:
+            return [(None, text)]
+        if len(bindings) == 1 and bindings[0].start == 0 and bindings[0].end is None:
+            return [(bindings[0], text)]  # bound for the stream's whole life (an /asr-multicam stream)
+        if not t.words:
+            return [(self._binding_at(t.start), text)]
+        groups: list[tuple[Binding | None, list[Word]]] = []
+        for word in t.words:
+            owner = self._binding_at((word.start + word.end) / 2)
+            if groups and groups[-1][0] is owner:
+                groups[-1][1].append(word)
+            else:
+                groups.append((owner, [word]))
+        if len(groups) == 1:
+            return [(groups[0][0], text)]
+        return [(owner, " ".join(w.text for w in ws if w.text)) for owner, ws in groups]
+
+    def _binding_at(self, seconds: float) -> Binding | None:
+        sample = round(seconds * SAMPLE_RATE)
+        return next((b for b in self.bindings if b.covers(sample)), None)
 
     def stable_partial_events(self, segment: int, events: Sequence[str]) -> list[str]:
         """The events of a partial already heard in the previous partial of the same segment (stable enough)."""
@@ -153,17 +234,36 @@ class StreamHub:
         recognizer: Recognizer,
         event_queue: EventQueue | None,
         metrics: Metrics,
+        *,
+        journal: SessionJournal | None = None,
     ) -> None:
         self.settings = settings
         self.recognizer = recognizer
         self.metrics = metrics
         self.matcher = KeywordMatcher(settings.keywords)
-        self.sessions = SessionRegistry()
-        self.events = EventSubmitter(event_queue)
+        self.sessions = SessionRegistry(settings.sessions.max_transcript_chars, journal)
+        self.events = EventSubmitter(
+            event_queue,
+            on_accepted=self._accepted,
+            on_failure=lambda kind: metrics.event_submit_failures.labels(kind).inc(),
+        )
         self.subscribers = Broadcast[Message](log, "hub subscriber")
+        self.accepting = True
+        """False once the shutdown began: new streams and bindings are refused."""
         self._streams: dict[str, HubStream] = {}
+        self._tokens = itertools.count(1)
+        self._ending: set[asyncio.Task[None]] = set()
+        self._undelivered: set[str] = set()
+        """Ids of this run's events accepted by the queue and not delivered (or dead) yet."""
+        self._settled_early: deque[str] = deque(maxlen=1024)
+        self._all_delivered = asyncio.Event()
+        self._all_delivered.set()
 
     # -- streams ------------------------------------------------------------
+
+    def _refuse_when_stopping(self) -> None:
+        if not self.accepting:
+            raise StreamError("shutting_down", "the daemon is shutting down; try again once it has restarted")
 
     def open_stream(
         self,
@@ -176,6 +276,7 @@ class StreamHub:
         listener: StreamListener | None = None,
     ) -> HubStream:
         """Open a stream (and, with ids, the customer's stream); raises StreamError."""
+        self._refuse_when_stopping()
         if stream_id in self._streams:
             raise StreamError("duplicate_stream", f"stream_id {stream_id!r} is already open")
         limit = self.settings.server.max_streams
@@ -188,6 +289,7 @@ class StreamHub:
             source,
             language,
             listener,
+            max_chars=self.settings.sessions.max_transcript_chars,
             audio_seconds=self.metrics.audio_seconds.labels(source),
             on_stop=self._stop,
         )
@@ -214,7 +316,7 @@ class StreamHub:
         return [s.info() for s in self._streams.values()]
 
     def bind(self, stream_id: str, session_id: str, customer_id: str) -> None:
-        """Attach a customer to an open stream (a local mic seat); raises StreamError."""
+        """Attach a customer to an open stream (a local mic seat) from its next sample on; raises StreamError."""
         stream = self._streams.get(stream_id)
         if stream is None or stream.stopping:
             raise StreamError("unknown_stream", f"stream_id {stream_id!r} is not open")
@@ -222,27 +324,63 @@ class StreamHub:
             if stream.customer.key == (session_id, customer_id):
                 return
             raise StreamError("stream_bound", f"stream_id {stream_id!r} already belongs to {stream.customer_id!r}")
+        self._refuse_when_stopping()
         self._attach(stream, session_id, customer_id)
 
     def _attach(self, stream: HubStream, session_id: str, customer_id: str) -> None:
-        stream.customer = self.sessions.attach(session_id, customer_id, stream.stream_id)
+        token = f"{stream.stream_id}#{next(self._tokens)}"
+        customer = self.sessions.attach(session_id, customer_id, token)
+        stream.bindings.append(Binding(customer, token, stream.samples))
         log.info("Audio stream started - Session: %s, Customer: %s", session_id, customer_id)
         self._publish(stream, {"type": "stream_started", "stream_id": stream.stream_id, **stream.ids()})
 
-    async def unbind(self, stream_id: str) -> None:
-        """End the customer's use of an open stream, like a stop (the stream stays open)."""
-        stream = self._streams.get(stream_id)
-        if stream is None or stream.customer is None:
-            return
-        customer, stream.customer = stream.customer, None
-        self._publish_stopped(stream, customer, customer.transcript)
-        self._detach(customer, stream_id)
+    async def unbind(self, stream_id: str) -> CustomerSession | None:
+        """End the customer's use of an open stream at its current sample (the stream stays open).
 
-    async def _stop(self, stream: HubStream) -> str:
+        Returns once recognition has passed that sample (the customer's last words are theirs)
+        and SESSION_END was fired if it was the customer's last stream; at most
+        ``sessions.unbind_flush_s``. The stream can be bound to the next customer at once.
+        """
+        stream = self._streams.get(stream_id)
+        binding = stream.binding if stream is not None else None
+        if stream is None or binding is None:
+            return None
+        binding.end = stream.samples
+        task = asyncio.ensure_future(self._end_binding(stream, binding))
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
+        await asyncio.shield(task)  # a cancelled request does not cancel the customer's end
+        return binding.customer
+
+    async def _end_binding(self, stream: HubStream, binding: Binding) -> None:
+        assert binding.end is not None
+        recognition = stream.recognition
+        if recognition is not None:
+            limit = self.settings.sessions.unbind_flush_s
+            try:
+                await asyncio.wait_for(recognition.recognized(binding.end), limit)
+            except asyncio.TimeoutError:
+                log.warning(
+                    "stream %s: recognition has not reached the unbind point (%.1f s) within %.0f s; "
+                    "ending customer %s now (words after this are attributed to nobody)",
+                    stream.stream_id,
+                    binding.end / SAMPLE_RATE,
+                    limit,
+                    binding.customer.customer_id,
+                )
+            except Exception:
+                log.exception("stream %s: waiting for recognition to reach the unbind point failed", stream.stream_id)
+        with contextlib.suppress(ValueError):
+            stream.bindings.remove(binding)
+        self._publish_stopped(stream, binding.customer, binding.customer.transcript)
+        self._detach(binding)
+
+    async def _stop(self, stream: HubStream, *, flush: bool = True) -> str:
         try:
             if stream.recognition is not None:
                 try:
-                    await stream.recognition.finish()
+                    if flush:
+                        await stream.recognition.finish()
                 except Exception:
                     log.exception("stream %s: flushing recognition failed", stream.stream_id)
                 finally:
@@ -252,14 +390,24 @@ class StreamHub:
             self.metrics.streams.labels(stream.source).dec()
             with contextlib.suppress(KeyError):
                 self.metrics.recognition_lag.remove(stream.stream_id)
-            customer, stream.customer = stream.customer, None
-            self._publish_stopped(stream, customer, stream.transcript)
-            if customer is not None:
-                log.info("Audio stream stop - Session: %s, Customer: %s", customer.session_id, customer.customer_id)
-                self._detach(customer, stream.stream_id)
+            binding = stream.binding
+            if binding is not None:
+                binding.end = stream.samples
+                stream.bindings.remove(binding)
+            customer = binding.customer if binding else None
+            self._publish_stopped(stream, customer, stream.transcript, listener=True)
+            if binding is not None:
+                log.info(
+                    "Audio stream stop - Session: %s, Customer: %s",
+                    binding.customer.session_id,
+                    binding.customer.customer_id,
+                )
+                self._detach(binding)
         return stream.transcript
 
-    def _publish_stopped(self, stream: HubStream, customer: CustomerSession | None, transcript: str) -> None:
+    def _publish_stopped(
+        self, stream: HubStream, customer: CustomerSession | None, transcript: str, *, listener: bool = False
+    ) -> None:
         self._publish(
             stream,
             {
@@ -269,10 +417,12 @@ class StreamHub:
                 "customer_id": customer.customer_id if customer else None,
                 "full_transcript": transcript,
             },
+            listener=listener,
         )
 
-    def _detach(self, customer: CustomerSession, stream_id: str) -> None:
-        ended = self.sessions.detach(customer.session_id, customer.customer_id, stream_id)
+    def _detach(self, binding: Binding) -> None:
+        customer = binding.customer
+        ended = self.sessions.detach(customer.session_id, customer.customer_id, binding.token)
         if ended is None:
             return
         event = self.matcher.settings.session_end_event
@@ -284,12 +434,75 @@ class StreamHub:
 
     async def stop_all(self) -> None:
         """Stop every open stream (flushing each), then wait for their events to be committed."""
-        await asyncio.gather(*(s.stop() for s in list(self._streams.values())), return_exceptions=True)
+        await self.flush()
+        await self.end_sessions()
         await self.drain()
 
     async def drain(self) -> None:
-        """Wait until every event fired so far has been handed to the queue."""
+        """Wait until every event fired so far has been accepted by the queue."""
         await self.events.drain()
+
+    # -- shutdown phases ------------------------------------------------------
+
+    async def stop_accepting(self) -> str:
+        """Refuse new streams and bindings from now on."""
+        self.accepting = False
+        return f"new streams refused; {len(self._streams)} stream(s) and {len(self.sessions)} customer(s) open"
+
+    async def flush(self) -> str:
+        """Recognize what every open stream received (its last finals and keywords); nothing more is fed."""
+        streams = list(self._streams.values())
+        lag = sum(s.lag_s for s in streams)
+        for s in streams:
+            s.stopping = True
+        await asyncio.gather(
+            *(s.recognition.finish() for s in streams if s.recognition is not None), return_exceptions=True
+        )
+        return f"{len(streams)} stream(s) flushed ({lag:.1f} s of audio was waiting)"
+
+    async def end_sessions(self) -> str:
+        """End every stream (without waiting for recognition any more) and every customer: SESSION_END each."""
+        streams = list(self._streams.values())
+        customers = len(self.sessions)
+        for s in streams:
+            if s.recognition is not None:
+                if s.lag_s > 0:
+                    log.warning("stream %s: %.1f s of audio left unrecognized at shutdown", s.stream_id, s.lag_s)
+                s.recognition.close()
+        await asyncio.gather(*(s.stop() for s in streams), return_exceptions=True)
+        while self._ending:
+            await asyncio.wait(list(self._ending))
+        return f"{len(streams)} stream(s) ended, SESSION_END for {customers - len(self.sessions)} customer(s)"
+
+    async def commit_and_deliver(self, deliver_s: float) -> str:
+        """Wait until every fired event is committed, then at most ``deliver_s`` for this run's to be delivered."""
+        fired = len(self.events)
+        try:
+            await self.events.drain()
+        except asyncio.CancelledError:
+            for u in self.events.unqueued():
+                log.error(
+                    "EVENT NOT COMMITTED at shutdown: %s for customer %s (session %s); %d earlier attempt(s) failed",
+                    u.event,
+                    u.customer_id,
+                    u.session_id,
+                    u.attempts,
+                )
+            raise
+        if self._undelivered and deliver_s > 0:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._all_delivered.wait(), deliver_s)
+        left = len(self._undelivered)
+        if left:
+            log.info("%d event(s) not delivered yet stay in the spool; they are sent after the next start", left)
+        return f"{fired} event(s) committed; {left} of this run's events wait in the spool"
+
+    def _accepted(self, customer: CustomerSession, event: str, event_id: str) -> None:
+        self.sessions.accepted(customer, event, event_id)
+        if event_id in self._settled_early or len(self._undelivered) >= MAX_TRACKED:
+            return  # delivered before the submit returned, or too many to follow
+        self._undelivered.add(event_id)
+        self._all_delivered.clear()
 
     # -- transcripts and keywords -------------------------------------------
 
@@ -300,14 +513,20 @@ class StreamHub:
             log.exception("stream %s: routing a transcript failed", stream.stream_id)
 
     def _route(self, stream: HubStream, t: Transcript) -> None:
-        text = t.text.strip()
-        if not text:
+        if not t.text.strip():
             return
-        customer = stream.customer
+        parts = stream.attribute(t)
+        for binding, text in parts:
+            if text:
+                self._route_part(stream, t, binding, text, whole=len(parts) == 1)
+
+    def _route_part(self, stream: HubStream, t: Transcript, binding: Binding | None, text: str, *, whole: bool) -> None:
+        customer = binding.customer if binding else None
         msg: Message = {
             "type": "transcript",
             "stream_id": stream.stream_id,
-            **stream.ids(),
+            "session_id": customer.session_id if customer else None,
+            "customer_id": customer.customer_id if customer else None,
             "speaker": t.speaker,
             "text": text,
             "final": t.final,
@@ -316,7 +535,7 @@ class StreamHub:
         }
         self._publish(stream, msg, listener=True)
         if t.final:
-            stream.parts.append(text)
+            stream.text.add(text)
             if customer is not None:
                 customer.add_final(text)
             if self.settings.logging.transcripts:
@@ -333,7 +552,8 @@ class StreamHub:
         language = t.language or stream.language or self.settings.asr.language
         events = self.matcher.match(text, language)
         if not t.final:
-            if not self.matcher.settings.match_partials:
+            # Early firing only for a partial wholly of the customer bound now; the rest waits for its final.
+            if not self.matcher.settings.match_partials or not whole or binding is not stream.binding:
                 return
             events = stream.stable_partial_events(t.segment, events)
         for event in customer.fire(events):
@@ -374,7 +594,14 @@ class StreamHub:
             )
 
     def on_delivery(self, update: DeliveryUpdate) -> None:
-        """Relay a delivery state change to subscribers."""
+        """Relay a delivery state change to subscribers (and note this run's events no longer waiting)."""
+        if update.state in FINAL_STATES:
+            if update.event_id in self._undelivered:
+                self._undelivered.discard(update.event_id)
+                if not self._undelivered:
+                    self._all_delivered.set()
+            else:
+                self._settled_early.append(update.event_id)
         if self.subscribers:
             self.subscribers.publish(
                 {
@@ -399,6 +626,8 @@ class StreamHub:
             "streams": len(self._streams),
             "customers": len(self.sessions),
             "events_pending": len(self.events),
+            "submit_failures": self.events.failures,
+            "accepting": self.accepting,
             "keyword_events": self.matcher.events,
         }
 
@@ -408,19 +637,25 @@ STREAM_HUB = web.AppKey("stream_hub", StreamHub)
 
 
 async def _hub_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
     queue = app.get(EVENT_QUEUE)
-    hub = StreamHub(app[SETTINGS], app[RECOGNIZER], queue, app[METRICS])
+    hub = StreamHub(settings, app[RECOGNIZER], queue, app[METRICS])
     app[STREAM_HUB] = hub
     unsubscribe = queue.subscribe(hub.on_delivery) if queue is not None else None
     app[HEALTH_SECTIONS]["events"] = hub.health
+    lifecycle = app[LIFECYCLE]
+    lifecycle.on(Phase.STOP_ACCEPTING, "hub", hub.stop_accepting)
+    lifecycle.on(Phase.FLUSH, "hub", hub.flush)
+    lifecycle.on(Phase.END_SESSIONS, "hub", hub.end_sessions)
+    lifecycle.on(Phase.DRAIN, "hub", lambda: hub.commit_and_deliver(settings.shutdown.deliver_s))
     try:
         yield
     finally:
-        await hub.stop_all()
+        await hub.stop_all()  # nothing left after the daemon's phases; an embedding application relies on it
         if unsubscribe is not None:
             unsubscribe()
 
 
 def setup(app: web.Application) -> None:
-    """Build the hub once recognition and delivery are up; stop every stream on shutdown."""
+    """Build the hub once recognition and delivery are up; its shutdown phases; stop every stream on cleanup."""
     app.cleanup_ctx.append(_hub_ctx)

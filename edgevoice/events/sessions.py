@@ -1,18 +1,70 @@
-"""Customer sessions: per (session_id, customer_id), its open streams, its transcript, the events already fired.
+"""Customer sessions: per (session_id, customer_id), its bindings to streams, its transcript, its events.
 
 Pure bookkeeping, no I/O: the hub calls it on the event loop. A customer session
-begins with its first stream and ends when its last stream detaches; it is then
-removed, so the registry holds only customers with an open stream.
+begins with its first binding (a stream opened with the customer's ids, or a mic seat
+bound to it) and ends when its last binding detaches; it is then removed, so the
+registry holds only customers with an open binding. Bounds: the transcript keeps at
+most ``sessions.max_transcript_chars`` characters (:class:`BoundedText`); the events
+list holds each configured event at most once.
+
+An event's life in a session: :meth:`CustomerSession.fire` claims it (it never fires
+twice in the session), :meth:`SessionRegistry.accepted` marks it *fired* once the event
+queue has it on disk. A :class:`SessionJournal` sees every begin, fired event and end:
+the hook through which open sessions and fired keywords can be persisted, so that a
+restart after a crash can end or resume them.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 CustomerKey = tuple[str, str]
 """(session_id, customer_id)."""
+
+DEFAULT_MAX_CHARS = 20_000
+"""sessions.max_transcript_chars' default."""
+ELLIPSIS = "…"
+
+
+class BoundedText:
+    """Final texts joined by spaces, at most ``limit`` characters: the oldest parts are dropped first.
+
+    When anything was dropped the text starts with "…" (counted in :attr:`dropped_chars`).
+    """
+
+    __slots__ = ("_chars", "_parts", "dropped_chars", "limit")
+
+    def __init__(self, limit: int = DEFAULT_MAX_CHARS) -> None:
+        self.limit = limit
+        self._parts: deque[str] = deque()
+        self._chars = 0
+        self.dropped_chars = 0
+
+    def add(self, text: str) -> None:
+        text = text.strip()
+        if not text:
+            return
+        if len(text) > self.limit:
+            self.dropped_chars += len(text) - self.limit
+            text = text[-self.limit :]
+        self._parts.append(text)
+        self._chars += len(text) + 1
+        while self._chars - 1 > self.limit:
+            gone = self._parts.popleft()
+            self._chars -= len(gone) + 1
+            self.dropped_chars += len(gone)
+
+    def __str__(self) -> str:
+        joined = " ".join(self._parts)
+        return f"{ELLIPSIS} {joined}" if self.dropped_chars else joined
+
+    def __len__(self) -> int:
+        """Characters kept (without the "…" marker)."""
+        return max(0, self._chars - 1)
 
 
 @dataclass(eq=False, slots=True)
@@ -21,11 +73,19 @@ class CustomerSession:
 
     session_id: str
     customer_id: str
-    streams: set[str] = field(default_factory=set)
-    parts: list[str] = field(default_factory=list)
+    max_chars: int = DEFAULT_MAX_CHARS
+    bindings: set[str] = field(default_factory=set)
+    """Tokens of the customer's open bindings (one per stream binding)."""
+    text: BoundedText = field(init=False)
+    claimed: list[str] = field(default_factory=list)
+    """Events fired in this session, in order: each at most once (handed to the event queue, or waiting for it)."""
     fired: list[str] = field(default_factory=list)
+    """The claimed events the event queue has accepted (on disk), in acceptance order."""
     started: float = field(default_factory=time.time)
     ended: bool = False
+
+    def __post_init__(self) -> None:
+        self.text = BoundedText(self.max_chars)
 
     @property
     def key(self) -> CustomerKey:
@@ -33,30 +93,48 @@ class CustomerSession:
 
     @property
     def transcript(self) -> str:
-        """Every final text of the customer's streams, in arrival order."""
-        return " ".join(self.parts)
+        """The customer's final text, in arrival order (the oldest dropped beyond ``max_chars``)."""
+        return str(self.text)
 
     def add_final(self, text: str) -> None:
-        text = text.strip()
-        if text:
-            self.parts.append(text)
+        self.text.add(text)
 
     def fire(self, events: Iterable[str]) -> list[str]:
-        """The events not fired before in this customer session, now marked fired (at most once each)."""
+        """The events not fired before in this customer session, now claimed (at most once each)."""
         new: list[str] = []
         if self.ended:
             return new
         for event in events:
-            if event not in self.fired:
-                self.fired.append(event)
+            if event not in self.claimed:
+                self.claimed.append(event)
                 new.append(event)
         return new
 
+    @property
+    def unaccepted(self) -> list[str]:
+        """Claimed events the queue has not accepted yet."""
+        return [e for e in self.claimed if e not in self.fired]
+
+
+class SessionJournal(Protocol):
+    """Sees every change worth persisting (called on the loop, in order; must not block)."""
+
+    def began(self, session: CustomerSession) -> None:
+        """A customer session began."""
+
+    def fired(self, session: CustomerSession, event: str, event_id: str) -> None:
+        """The queue accepted ``event`` (as ``event_id``) for the session."""
+
+    def ended(self, session: CustomerSession) -> None:
+        """The session ended (its SESSION_END is being submitted)."""
+
 
 class SessionRegistry:
-    """Every customer session with at least one open stream."""
+    """Every customer session with at least one open binding."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_chars: int = DEFAULT_MAX_CHARS, journal: SessionJournal | None = None) -> None:
+        self.max_chars = max_chars
+        self.journal = journal
         self._sessions: dict[CustomerKey, CustomerSession] = {}
 
     def __len__(self) -> int:
@@ -68,24 +146,35 @@ class SessionRegistry:
     def all(self) -> list[CustomerSession]:
         return list(self._sessions.values())
 
-    def attach(self, session_id: str, customer_id: str, stream_id: str) -> CustomerSession:
-        """Add a stream to the customer's session, beginning the session if it is new."""
+    def attach(self, session_id: str, customer_id: str, token: str) -> CustomerSession:
+        """Add a binding (``token``, unique per binding) to the customer's session, beginning it if new."""
         key = (session_id, customer_id)
         session = self._sessions.get(key)
         if session is None:
-            session = self._sessions[key] = CustomerSession(session_id, customer_id)
-        session.streams.add(stream_id)
+            session = self._sessions[key] = CustomerSession(session_id, customer_id, self.max_chars)
+            if self.journal is not None:
+                self.journal.began(session)
+        session.bindings.add(token)
         return session
 
-    def detach(self, session_id: str, customer_id: str, stream_id: str) -> CustomerSession | None:
-        """Remove a stream; when it was the customer's last, end and drop the session and return it."""
+    def detach(self, session_id: str, customer_id: str, token: str) -> CustomerSession | None:
+        """Remove a binding; when it was the customer's last, end and drop the session and return it."""
         key = (session_id, customer_id)
         session = self._sessions.get(key)
-        if session is None:
+        if session is None or token not in session.bindings:
             return None
-        session.streams.discard(stream_id)
-        if session.streams:
+        session.bindings.discard(token)
+        if session.bindings:
             return None
         del self._sessions[key]
         session.ended = True
+        if self.journal is not None:
+            self.journal.ended(session)
         return session
+
+    def accepted(self, session: CustomerSession, event: str, event_id: str) -> None:
+        """The queue accepted a claimed event: it is fired now."""
+        if event in session.claimed and event not in session.fired:
+            session.fired.append(event)
+            if self.journal is not None:
+                self.journal.fired(session, event, event_id)

@@ -223,6 +223,10 @@ class Stream:
         """Partials of at least this many samples are hypotheses: beam, word timestamps, compared for commits."""
         self.flushed = False
         self.dropped_s = 0.0
+        # --- recognized(): the loop asks for a sample, the worker posts how far finals are complete ---
+        self._through_wanted = 0  # loop writes (smallest sample waited for; 0: none), worker reads
+        self._through = 0  # loop: finals are complete up to this sample
+        self._through_waiters: list[tuple[int, asyncio.Future[None]]] = []  # loop only
 
     # ---------------------------------------------------------------- event loop side
 
@@ -266,6 +270,36 @@ class Stream:
             self._wake()
             if self._finish_future is not None and not self._finish_future.done():
                 self._finish_future.set_result(None)
+            self._release(float("inf"))
+
+    async def recognized(self, sample: int) -> None:
+        """Return once every final whose audio begins before stream sample ``sample`` has been delivered."""
+        done = self._finish_future is not None and self._finish_future.done()
+        if self.closed or done or sample <= self._through:
+            return
+        fut = self._loop.create_future()
+        self._through_waiters.append((sample, fut))
+        self._want_through()
+        await fut
+
+    def _want_through(self) -> None:
+        waiting = [s for s, f in self._through_waiters if not f.done()]
+        self._through_wanted = min(waiting, default=0)
+        if waiting:
+            self._wake()
+
+    def _release(self, through: float) -> None:
+        """On the loop: finals are complete up to ``through`` (inf: the stream is done)."""
+        self._through = max(self._through, int(min(through, 1 << 62)))
+        keep = []
+        for s, f in self._through_waiters:
+            if s <= through:
+                if not f.done():
+                    f.set_result(None)
+            elif not f.done():
+                keep.append((s, f))
+        self._through_waiters = keep
+        self._want_through()
 
     @property
     def lag_s(self) -> float:
@@ -659,11 +693,25 @@ class Stream:
         else:
             self._done = max(self._done, self._clock)
         self._done = min(self._done, self._taken)
+        wanted = self._through_wanted
+        if wanted:
+            # Finals are complete before the first one still queued, the utterance still open, or
+            # (in silence) the VAD clock less the pre-roll a new utterance may still claim.
+            if self.finals:
+                through = self.finals[0].start
+            elif self._ep.in_speech:
+                through = self._utt_start
+            else:
+                through = self._clock - (self._preroll.maxlen or 0) * WINDOW
+            if through >= wanted:
+                self._through_wanted = 0  # the loop sets it again if more is waited for
+                self.post(self._release, through)
 
     def resolve_finish(self) -> None:
         fut = self._finish_future
         if fut is not None:
             self.post(_set_done, fut)
+        self.post(self._release, float("inf"))
 
 
 def _set_done(fut: asyncio.Future[None]) -> None:

@@ -58,6 +58,15 @@ class RecognitionStream(Protocol):
     def close(self) -> None:
         """Drop the stream without flushing."""
 
+    async def recognized(self, sample: int) -> None:
+        """Return once every final whose audio begins before stream sample ``sample`` has been delivered.
+
+        Samples count from the stream start (``Transcript.start * SAMPLE_RATE``). Returns at once
+        when the stream is finished or closed. Speech still going on at ``sample`` waits for its
+        utterance to end (at most ``asr.max_utterance_s``); audio that stops arriving never gets
+        there, so callers bound the wait.
+        """
+
     @property
     def lag_s(self) -> float:
         """Seconds of received audio not yet recognized."""

@@ -504,8 +504,7 @@ class Connection:
         task.add_done_callback(self._stopping.discard)
 
     async def _finish(self, entry: _Stream) -> None:
-        full = await entry.stream.stop()
-        self.outbox.put({"type": "stream_stopped", "stream_id": entry.stream.stream_id, "full_transcript": full})
+        await entry.stream.stop()  # the hub sends stream_stopped (also when it ends the stream itself, at shutdown)
 
     def on_binary(self, data: bytes) -> None:
         if not data:

@@ -5,8 +5,12 @@ the customer to the seat's already-running stream, exactly as an
 ``audio_stream_start`` would: keyword events fire at most once per customer
 session. ``POST /streams/{stream_id}/stop`` detaches the customer as an
 ``audio_stream_stop`` would: ``SESSION_END`` fires when it was the customer's
-last stream. The seat's audio keeps being recognized (and shown) while no
-customer is bound; it just fires no customer events.
+last stream. A binding covers the seat's audio between the two requests (stream
+samples): the stop answers once the customer's last words are recognized and
+theirs (at most ``sessions.unbind_flush_s``), and the seat may be bound to the
+next customer meanwhile. The seat's audio keeps being recognized (and shown)
+while no customer is bound; it just fires no customer events. Handlers run on
+the event loop; nothing here holds state.
 """
 
 from __future__ import annotations
