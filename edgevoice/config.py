@@ -252,6 +252,11 @@ class AsrSettings(_Section):
                 data["window"] = "shared"
         return data
 
+    @field_validator("multilingual_model")
+    @classmethod
+    def _none(cls, v: str | None) -> str | None:
+        return None if v is None or v.strip().lower() in ("", "none") else v
+
     @field_validator("language")
     @classmethod
     def _lang(cls, v: str | None) -> str | None:
@@ -352,6 +357,8 @@ class SessionSettings(_Section):
 
     max_transcript_chars: int = Field(20_000, ge=200, le=1_000_000)
     """Final text kept per customer session and per stream; the oldest is dropped first (shown as a leading "…"). Bounds memory on long-lived mic seats, the FULL TRANSCRIPT log line and full_transcript."""
+    resume_s: float = Field(120.0, ge=0, le=86400)
+    """After a crash, a customer session that was open is resumed when a stream opens with its ids within this time of the restart (keywords already fired are not fired again); if none does, its SESSION_END is sent then."""
     unbind_flush_s: float = Field(30.0, gt=0, le=600)
     """After a mic seat is unbound: how long recognition may take to reach the unbind point (the customer's last words) before SESSION_END fires anyway."""
 

@@ -241,7 +241,19 @@ class StreamHub:
         self.recognizer = recognizer
         self.metrics = metrics
         self.matcher = KeywordMatcher(settings.keywords)
-        self.sessions = SessionRegistry(settings.sessions.max_transcript_chars, journal)
+        recovered = event_queue.open_sessions() if event_queue is not None else []
+        self.sessions = SessionRegistry(
+            settings.sessions.max_transcript_chars,
+            journal,
+            {(o.session_id, o.customer_id): o.keywords for o in recovered},
+        )
+        if recovered:
+            log.warning(
+                "%d customer session(s) were open when the daemon last stopped: resumed if their streams come "
+                "back within %.0f s, else ended (SESSION_END)",
+                len(recovered),
+                settings.sessions.resume_s,
+            )
         self.events = EventSubmitter(
             event_queue,
             on_accepted=self._accepted,
@@ -429,7 +441,7 @@ class StreamHub:
         log.info("SESSION END: Calling API for customer %s", ended.customer_id)
         log.info("FULL TRANSCRIPT [%s]: %s", ended.customer_id, ended.transcript)
         self.metrics.keyword_events.labels(event).inc()
-        self.events.submit(ended, event)
+        self.events.submit(ended, event, effect="end")
         log.info("Cleaned up customer data for %s", ended.customer_id)
 
     async def stop_all(self) -> None:
@@ -459,6 +471,19 @@ class StreamHub:
             *(s.recognition.finish() for s in streams if s.recognition is not None), return_exceptions=True
         )
         return f"{len(streams)} stream(s) flushed ({lag:.1f} s of audio was waiting)"
+
+    async def end_unresumed(self, after_s: float) -> None:
+        """``after_s`` from now, end the sessions of the last run that no stream resumed: SESSION_END each."""
+        await asyncio.sleep(after_s)
+        left, self.sessions.resumable = self.sessions.resumable, {}
+        event = self.matcher.settings.session_end_event
+        for (session_id, customer_id), _fired in left.items():
+            log.info(
+                "SESSION END: customer %s (session %s) did not come back after the restart", customer_id, session_id
+            )
+            gone = CustomerSession(session_id, customer_id, ended=True)
+            self.metrics.keyword_events.labels(event).inc()
+            self.events.submit(gone, event, effect="end")
 
     async def end_sessions(self) -> str:
         """End every stream (without waiting for recognition any more) and every customer: SESSION_END each."""
@@ -574,7 +599,7 @@ class StreamHub:
             },
             listener=True,
         )
-        self.events.submit(customer, event)
+        self.events.submit(customer, event, effect="keyword")
 
     # -- live feed -------------------------------------------------------------
 
@@ -632,6 +657,24 @@ class StreamHub:
         }
 
 
+class QueueJournal:
+    """Persists open customer sessions in the event queue's spool (the keywords and the end are written in
+    the same commit as their events: EventQueue.submit's ``effect``), so that a restart after a crash can
+    resume or end them."""
+
+    def __init__(self, queue: EventQueue) -> None:
+        self.queue = queue
+
+    def began(self, session: CustomerSession) -> None:
+        self.queue.stream_attached(session.session_id, session.customer_id, "customer")
+
+    def fired(self, session: CustomerSession, event: str, event_id: str) -> None:
+        """Already on disk with its event."""
+
+    def ended(self, session: CustomerSession) -> None:
+        """Forgotten in the commit of its SESSION_END."""
+
+
 STREAM_HUB = web.AppKey("stream_hub", StreamHub)
 """The daemon's stream hub."""
 
@@ -639,8 +682,9 @@ STREAM_HUB = web.AppKey("stream_hub", StreamHub)
 async def _hub_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     queue = app.get(EVENT_QUEUE)
-    hub = StreamHub(settings, app[RECOGNIZER], queue, app[METRICS])
+    hub = StreamHub(settings, app[RECOGNIZER], queue, app[METRICS], journal=QueueJournal(queue) if queue else None)
     app[STREAM_HUB] = hub
+    resume = asyncio.create_task(hub.end_unresumed(settings.sessions.resume_s)) if hub.sessions.resumable else None
     unsubscribe = queue.subscribe(hub.on_delivery) if queue is not None else None
     app[HEALTH_SECTIONS]["events"] = hub.health
     lifecycle = app[LIFECYCLE]
@@ -651,6 +695,8 @@ async def _hub_ctx(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        if resume is not None:
+            resume.cancel()  # not resumed yet: they stay open on disk, for the next start
         await hub.stop_all()  # nothing left after the daemon's phases; an embedding application relies on it
         if unsubscribe is not None:
             unsubscribe()

@@ -83,6 +83,8 @@ class CustomerSession:
     """The claimed events the event queue has accepted (on disk), in acceptance order."""
     started: float = field(default_factory=time.time)
     ended: bool = False
+    resumed: bool = False
+    """Continued from the last run (open at a crash): its earlier keywords are in ``fired``."""
 
     def __post_init__(self) -> None:
         self.text = BoundedText(self.max_chars)
@@ -132,9 +134,17 @@ class SessionJournal(Protocol):
 class SessionRegistry:
     """Every customer session with at least one open binding."""
 
-    def __init__(self, max_chars: int = DEFAULT_MAX_CHARS, journal: SessionJournal | None = None) -> None:
+    def __init__(
+        self,
+        max_chars: int = DEFAULT_MAX_CHARS,
+        journal: SessionJournal | None = None,
+        resume: dict[CustomerKey, frozenset[str]] | None = None,
+    ) -> None:
         self.max_chars = max_chars
         self.journal = journal
+        self.resumable: dict[CustomerKey, frozenset[str]] = dict(resume or {})
+        """Sessions open when the daemon last stopped (a crash) -> the keywords they had fired: a binding with
+        their ids resumes them (those keywords do not fire again)."""
         self._sessions: dict[CustomerKey, CustomerSession] = {}
 
     def __len__(self) -> int:
@@ -152,6 +162,11 @@ class SessionRegistry:
         session = self._sessions.get(key)
         if session is None:
             session = self._sessions[key] = CustomerSession(session_id, customer_id, self.max_chars)
+            fired = self.resumable.pop(key, None)
+            if fired is not None:
+                session.claimed = sorted(fired)
+                session.fired = sorted(fired)
+                session.resumed = True
             if self.journal is not None:
                 self.journal.began(session)
         session.bindings.add(token)

@@ -19,7 +19,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from edgevoice.delivery.api import EventQueue, SpoolFull
+from edgevoice.delivery.api import EventQueue, SessionEffect, SpoolFull
 from edgevoice.events.sessions import CustomerKey, CustomerSession
 
 log = logging.getLogger("edgevoice.events")
@@ -47,6 +47,7 @@ class Unqueued:
 class _Pending:
     customer: CustomerSession
     event: str
+    effect: SessionEffect | None = None
     attempts: int = 0
 
 
@@ -85,8 +86,9 @@ class EventSubmitter:
             Unqueued(p.customer.customer_id, p.customer.session_id, p.event, p.attempts) for p in self._pending.values()
         ]
 
-    def submit(self, customer: CustomerSession, event: str) -> None:
-        """Hand the event to the queue after the customer's earlier events (order kept per customer)."""
+    def submit(self, customer: CustomerSession, event: str, effect: SessionEffect | None = None) -> None:
+        """Hand the event to the queue after the customer's earlier events (order kept per customer); ``effect``
+        says what it does to the persisted session record, in the same commit (see EventQueue.submit)."""
         if len(self._pending) >= self.max_unqueued:
             self.lost += 1
             log.error(
@@ -98,7 +100,7 @@ class EventSubmitter:
             return
         key = customer.key
         previous = self._chains.get(key)
-        state = _Pending(customer, event)
+        state = _Pending(customer, event, effect)
         task = asyncio.ensure_future(self._submit_after(previous, state))
         self._chains[key] = task
         self._pending[task] = state
@@ -126,7 +128,9 @@ class EventSubmitter:
         delay = self.retry_base_s
         while True:
             try:
-                event_id = await self.queue.submit(customer.customer_id, event, session_id=customer.session_id)
+                event_id = await self.queue.submit(
+                    customer.customer_id, event, session_id=customer.session_id, effect=state.effect
+                )
             except ValueError as exc:
                 log.error(
                     "EVENT REJECTED: %s for customer %s - the event queue refuses it: %s",
