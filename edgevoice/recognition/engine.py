@@ -48,11 +48,13 @@ HOP = 160
 """Audio samples per mel frame."""
 FULL_FRAMES = 3000
 """Mel frames of Whisper's native 30 s window (the encoder halves them)."""
-FIT_PAD_S = float(__import__("os").environ.get("PAD", "1.0"))
+FIT_PAD_S = 1.0
 """Silence encoded after the audio in a shared window (the encoder sees where the speech ends)."""
-SHARED_TAIL_S = float(__import__("os").environ.get("TAIL", "10"))
-"""Silence after the audio in a shared window, up to 30 s in all (the decoder attends to every frame)."""
-BUCKET_S = int(__import__("os").environ.get("BUCKET", "2"))
+SHARED_TAIL_S = 5.0
+"""Least silence after the audio in a shared window (measured: 5 s or more decodes as the full 30 s)."""
+WINDOW_BUCKETS_S = (10, 20, 30)
+"""Lengths of shared windows (the decoder attends to every frame of it: shorter is cheaper)."""
+BUCKET_S = 2
 """Encoded lengths are rounded up to a multiple of this: requests of one length share an encoder call,
 and a request's encoder input depends on its own audio only, never on what it is batched with."""
 ENCODE_BUDGET_S = 120.0
@@ -568,5 +570,8 @@ def language_code(language: str) -> str:
 
 
 def _tail_end(frames: int) -> int:
-    """Encoder frames (of 1500) a shared window ends at: its audio plus SHARED_TAIL_S of silence."""
-    return min(FULL_FRAMES, frames + int(SHARED_TAIL_S * 100)) // 2
+    """Encoder frames (of 1500) a shared window ends at: the shortest of WINDOW_BUCKETS_S that leaves
+    SHARED_TAIL_S of silence after the audio (few lengths: requests of one length share a generate call)."""
+    need = frames / 100 + SHARED_TAIL_S
+    seconds = next((b for b in WINDOW_BUCKETS_S if b >= need), 30)
+    return seconds * 100 // 2

@@ -54,17 +54,17 @@ log = logging.getLogger(__name__)
 
 PAD_S = 0.2
 """Audio kept after the last speech window of an utterance."""
-PREROLL_S = float(__import__("os").environ.get("PR", "0.4"))
+PREROLL_S = 0.4
 """Audio kept before the first speech window (soft onsets such as "th" start below the VAD threshold;
 offline faster-whisper pads 0.4 s)."""
 MIN_SPEECH_S = 0.25
 """Shorter bursts of VAD speech are ignored (clicks, coughs)."""
-COMMIT_AFTER_S = float(__import__("os").environ.get("CA", "12.0"))
+COMMIT_AFTER_S = 12.0
 """Buffer length from which hypotheses carry words and may commit agreed words early. Shorter speech is
 decoded whole at its end, as offline Whisper would: every piece costs the words after it their left context."""
-HYPOTHESIS_INTERVAL_S = float(__import__("os").environ.get("HI", "1.0"))
+HYPOTHESIS_INTERVAL_S = 1.0
 """Audio between two hypotheses (at least asr.partial_interval_s)."""
-COMMIT_GUARD_S = float(__import__("os").environ.get("CG", "2.0"))
+COMMIT_GUARD_S = 2.0
 """Agreed words ending this close to the end of the buffer are not committed (the next audio may change them)."""
 FORCE_GUARD_S = 1.5
 """A forced commit keeps the words ending in the last this-many seconds of the buffer for the next piece."""
