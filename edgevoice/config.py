@@ -235,7 +235,7 @@ class AsrSettings(_Section):
     initial_prompt: str | None = None
     """Text prompt for the decoder. Off by default: prompting with keywords was measured to invent them."""
     window: Literal["shared", "full"] = "shared"
-    """Encoder window: shared encodes the audio (+1 s) and reuses the encoder output of silence for the rest of Whisper's 30 s window (as accurate, several times cheaper; suspect decodes are verified in full); full encodes all 30 s every time."""
+    """Encoder window: shared encodes the audio (+1 s) and fills the window with a precomputed encoder output of silence (as accurate as the full window, several times cheaper; suspect decodes are verified in full); full encodes all 30 s every time."""
     max_backlog_s: float = Field(60.0, ge=5, le=600)
     """Audio one stream may have waiting for recognition; beyond it the oldest is dropped, counted and logged."""
 

@@ -12,9 +12,9 @@ fitted to the audio makes it loop and drop words). Encoding the silent part is m
 the cost of a short utterance, and the encoder output of silence is the same for every
 request. So (``asr.window = "shared"``, the default) each request is encoded in a
 window fitted to its audio plus ``FIT_PAD_S`` of silence, rounded up to ``BUCKET_S``,
-and the rest of the 30 s is filled with the encoder output of silence computed once at
-start-up and shared by every decode. The decoder sees a full 30 s window; the encoder
-only computes the speech. Every request is decoded on its own encoder output: nothing
+and it is followed by ``SHARED_TAIL_S`` of the encoder output of silence (up to 30 s in
+all), computed once at start-up and shared by every decode. The decoder sees Whisper's picture (speech,
+then seconds of silence); the encoder only computes the speech. Every request is decoded on its own encoder output: nothing
 of one stream can appear in another's text.
 
 Verification: a decode that loops (a phrase repeated), runs past ``MAX_TOKENS_PER_S``,
@@ -50,10 +50,9 @@ FULL_FRAMES = 3000
 """Mel frames of Whisper's native 30 s window (the encoder halves them)."""
 FIT_PAD_S = 1.0
 """Silence encoded after the audio in a shared window (the encoder sees where the speech ends)."""
-SHARED_TAIL_S = 5.0
-"""Least silence after the audio in a shared window (measured: 5 s or more decodes as the full 30 s)."""
-WINDOW_BUCKETS_S = (10, 20, 30)
-"""Lengths of shared windows (the decoder attends to every frame of it: shorter is cheaper)."""
+SHARED_TAIL_S = 10.0
+"""Silence after the audio in a shared window, up to 30 s in all (the decoder attends to every frame: shorter
+is cheaper, but windows of 10/20/30 s with 5 s of silence were measured to cost words on long turns)."""
 BUCKET_S = 2
 """Encoded lengths are rounded up to a multiple of this: requests of one length share an encoder call,
 and a request's encoder input depends on its own audio only, never on what it is batched with."""
@@ -570,8 +569,5 @@ def language_code(language: str) -> str:
 
 
 def _tail_end(frames: int) -> int:
-    """Encoder frames (of 1500) a shared window ends at: the shortest of WINDOW_BUCKETS_S that leaves
-    SHARED_TAIL_S of silence after the audio (few lengths: requests of one length share a generate call)."""
-    need = frames / 100 + SHARED_TAIL_S
-    seconds = next((b for b in WINDOW_BUCKETS_S if b >= need), 30)
-    return seconds * 100 // 2
+    """Encoder frames (of 1500) a shared window ends at: its audio plus SHARED_TAIL_S of silence."""
+    return min(FULL_FRAMES, frames + int(SHARED_TAIL_S * 100)) // 2

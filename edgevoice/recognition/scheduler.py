@@ -6,8 +6,8 @@ Each cycle, in ONE dedicated thread (CTranslate2 releases the GIL while it compu
    about 2.5 ms per second of audio); a failure there is the stream's alone;
 2. a batch is planned, at most ``asr.max_batch`` decodes: forced commits of full
    buffers first (those streams wait for them), then finals, oldest first across all
-   streams (no stream starves), then the early finals of utterances whose endpoint is
-   being awaited; then partials, the longest-waiting first, only as many as fit in a
+   streams (no stream starves); only when none waits, the early finals of utterances
+   whose endpoint is being awaited (speech may resume and void them); then partials, the longest-waiting first, only as many as fit in a
    time budget of ``asr.partial_interval_s`` estimated from the measured cost per item.
    Under load partials are therefore skipped (``edgevoice_partials_skipped``) before
    finals wait, and nothing that makes a final is ever decoded differently;
@@ -206,6 +206,10 @@ class Scheduler:
             if self._paced and s.tentative is not None and s.tentative.result is None:
                 jobs.append(s.tentative)
             urgent += [(_URGENT[j.kind], j.ready, i, s, j) for j in jobs]
+        if any(x[0] < _URGENT["tentative"] for x in urgent):
+            # Early finals only hide latency when there is time to spare: one that speech then voids is a
+            # whole final's work lost, so while finals wait they are not decoded early (only at the endpoint).
+            urgent = [x for x in urgent if x[0] < _URGENT["tentative"]]
         urgent.sort(key=lambda x: x[:3])
         limit = self.settings.max_batch
         items = [_Item(s, job) for _, _, _, s, job in urgent[:limit]]

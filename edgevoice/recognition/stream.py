@@ -215,7 +215,8 @@ class Stream:
         self.partial_due_since: float | None = None
         self._partial_covered = 0  # stream sample up to which the current piece has a partial
         self._partial_text: dict[int, str] = {}
-        self._hyp: tuple[int, list[DecodedWord]] | None = None
+        self._hyp: tuple[int, list[DecodedWord], float] | None = None
+        """The last hypothesis: segment, words, seconds of audio it heard."""
         """The last hypothesis with words: (segment, words)."""
         self.finals: deque[Job] = deque()
         interval = int(max(settings.partial_interval_s, HYPOTHESIS_INTERVAL_S) * SAMPLE_RATE)
@@ -552,22 +553,26 @@ class Stream:
             self.emit(self._transcript(job, result.words, result.text, final=False))
         if not self.is_hypothesis(job):
             return
-        prev, self._hyp = self._hyp, (job.segment, list(result.words))
+        prev, self._hyp = self._hyp, (job.segment, list(result.words), len(job.audio) / SAMPLE_RATE)
         if prev is not None and prev[0] == job.segment:
-            self._agree(job, prev[1], result.words)
+            self._agree(job, prev[1], prev[2], result.words)
 
-    def _agree(self, job: Job, previous: list[DecodedWord], current: list[DecodedWord]) -> None:
-        """Commit the words two successive hypotheses agree on, through a sentence end, not near the end."""
+    def _agree(self, job: Job, previous: list[DecodedWord], previous_s: float, current: list[DecodedWord]) -> None:
+        """Commit the words two successive hypotheses agree on, through a sentence end both of them put there,
+        each word heard with COMMIT_GUARD_S of audio after it in both (under load hypotheses are sparse: the
+        earlier one may have ended just after a word it misheard for lack of what follows)."""
         agreed = 0
         for a, b in zip(previous, current, strict=False):
             if _norm(a.text) != _norm(b.text) or not _norm(b.text):
                 break
             agreed += 1
-        limit = len(job.audio) / SAMPLE_RATE - COMMIT_GUARD_S
+        limit = min(previous_s, len(job.audio) / SAMPLE_RATE) - COMMIT_GUARD_S
         k = 0
-        while k < agreed and current[k].end <= limit:
+        while k < agreed and max(current[k].end, previous[k].end) <= limit:
             k += 1
-        ends = [j + 1 for j in range(COMMIT_MIN_WORDS - 1, k) if _sentence_end(current[j])]
+        ends = [
+            j + 1 for j in range(COMMIT_MIN_WORDS - 1, k) if _sentence_end(current[j]) and _sentence_end(previous[j])
+        ]
         if ends:
             self._commit_words(current, ends[-1])
         elif self._len >= COMMIT_ANY_AT * self._max_utt and k >= COMMIT_MIN_WORDS:
