@@ -393,6 +393,31 @@ async def test_vietnamese_on_the_default_models() -> None:
     assert health["model"] == "tiny.en" and health["multilingual_model"] == "base"
 
 
+@pytest.mark.slow
+async def test_vietnamese_keywords_ten_times_while_both_cores_are_busy() -> None:
+    """Both seed keywords, ten runs in a row, each voice, while two other processes keep both cores busy:
+    what is heard does not depend on the load."""
+    import sys
+
+    hogs = [await asyncio.create_subprocess_exec(sys.executable, "-c", "while True: pass") for _ in range(2)]
+    rec = next(_recognizer())
+    matcher = KeywordMatcher(KeywordSettings())
+    try:
+        voices = [{"voice": "vi"}, {"voice": "vi+m3", "pitch": 35}]
+        audios = [monologue(["xin chào các bạn", "xin lỗi tôi muốn đổi món"], **v)[0] for v in voices]
+        heard: dict[int, list[str]] = {}
+        for i in range(10):
+            got = await run(rec, audios[i % 2], stream_id=f"vi_{i}", language="vi")
+            texts = [t.text for t in finals(got)]
+            assert set(matcher.match(" ".join(texts), "vi")) == {"SAY_HELLO", "SAY_SORRY"}, (i, texts)
+            assert heard.setdefault(i % 2, texts) == texts, "the same audio, the same text, whatever the load"
+    finally:
+        rec.stop()
+        for h in hogs:
+            h.kill()
+            await h.wait()
+
+
 async def test_failures_stay_with_their_stream() -> None:
     """A decode that raises loses only its own request's text; audio processing that raises for one
     stream leaves the others alone; both are counted."""
