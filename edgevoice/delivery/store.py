@@ -445,13 +445,20 @@ def _session_row(conn: sqlite3.Connection, session_id: str, customer_id: str, no
     )
 
 
-def session_attach(conn: sqlite3.Connection, session_id: str, customer_id: str, stream_id: str, now: float) -> None:
-    """Record a stream attached to a customer session (opening the session)."""
+def _session_fact(
+    conn: sqlite3.Connection, table: str, column: str, session_id: str, customer_id: str, value: str, now: float
+) -> None:
+    """Open the session if needed and record one fact of it (``table``/``column`` are this module's names)."""
     _session_row(conn, session_id, customer_id, now)
     conn.execute(
-        "INSERT OR IGNORE INTO session_streams (session_id, customer_id, stream_id) VALUES (?, ?, ?)",
-        (session_id, customer_id, stream_id),
+        f"INSERT OR IGNORE INTO {table} (session_id, customer_id, {column}) VALUES (?, ?, ?)",
+        (session_id, customer_id, value),
     )
+
+
+def session_attach(conn: sqlite3.Connection, session_id: str, customer_id: str, stream_id: str, now: float) -> None:
+    """Record a stream attached to a customer session (opening the session)."""
+    _session_fact(conn, "session_streams", "stream_id", session_id, customer_id, stream_id, now)
 
 
 def session_detach(conn: sqlite3.Connection, session_id: str, customer_id: str, stream_id: str) -> None:
@@ -464,11 +471,7 @@ def session_detach(conn: sqlite3.Connection, session_id: str, customer_id: str, 
 
 def session_keyword(conn: sqlite3.Connection, session_id: str, customer_id: str, keyword: str, now: float) -> None:
     """Record a keyword fired in a session."""
-    _session_row(conn, session_id, customer_id, now)
-    conn.execute(
-        "INSERT OR IGNORE INTO session_keywords (session_id, customer_id, keyword) VALUES (?, ?, ?)",
-        (session_id, customer_id, keyword),
-    )
+    _session_fact(conn, "session_keywords", "keyword", session_id, customer_id, keyword, now)
 
 
 def session_end(conn: sqlite3.Connection, session_id: str, customer_id: str) -> None:
