@@ -13,9 +13,10 @@ the cost of a short utterance, and the encoder output of silence is the same for
 request. So (``asr.window = "shared"``, the default) each request is encoded in a
 window fitted to its audio plus ``FIT_PAD_S`` of silence, rounded up to ``BUCKET_S``,
 and it is followed by ``SHARED_TAIL_S`` of the encoder output of silence (up to 30 s in
-all), computed once at start-up and shared by every decode. The decoder sees Whisper's picture (speech,
-then seconds of silence); the encoder only computes the speech. Every request is decoded on its own encoder output: nothing
-of one stream can appear in another's text.
+all), computed once at start-up and shared by every decode. The decoder sees Whisper's
+picture (speech, then seconds of silence); the encoder only computes the speech. Every
+request is decoded on its own encoder output: nothing of one stream can appear in
+another's text.
 
 Verification: a decode that loops (a phrase repeated), runs past ``MAX_TOKENS_PER_S``,
 leaves the end of the VAD's speech without words, or is empty on clear speech is

@@ -7,8 +7,9 @@ Each cycle, in ONE dedicated thread (CTranslate2 releases the GIL while it compu
 2. a batch is planned, at most ``asr.max_batch`` decodes: forced commits of full
    buffers first (those streams wait for them), then finals, oldest first across all
    streams (no stream starves); only when none waits, the early finals of utterances
-   whose endpoint is being awaited (speech may resume and void them); then partials, the longest-waiting first, only as many as fit in a
-   time budget of ``asr.partial_interval_s`` estimated from the measured cost per item.
+   whose endpoint is being awaited (speech may resume and void them); then partials,
+   the longest-waiting first, only as many as fit in a time budget of
+   ``asr.partial_interval_s`` estimated from the measured cost per item.
    Under load partials are therefore skipped (``edgevoice_partials_skipped``) before
    finals wait, and nothing that makes a final is ever decoded differently;
 3. the batch is decoded with one engine call per model and results are sent to the
@@ -203,13 +204,15 @@ class Scheduler:
             jobs = [j for j in s.finals if j.result is None]
             if s.commit is not None:
                 jobs.append(s.commit)
-            if self._paced and s.tentative is not None and s.tentative.result is None:
-                jobs.append(s.tentative)
             urgent += [(_URGENT[j.kind], j.ready, i, s, j) for j in jobs]
-        if any(x[0] < _URGENT["tentative"] for x in urgent):
+        if not urgent and self._paced:
             # Early finals only hide latency when there is time to spare: one that speech then voids is a
             # whole final's work lost, so while finals wait they are not decoded early (only at the endpoint).
-            urgent = [x for x in urgent if x[0] < _URGENT["tentative"]]
+            urgent = [
+                (_URGENT["tentative"], s.tentative.ready, i, s, s.tentative)
+                for i, s in enumerate(streams)
+                if s.tentative is not None and s.tentative.result is None
+            ]
         urgent.sort(key=lambda x: x[:3])
         limit = self.settings.max_batch
         items = [_Item(s, job) for _, _, _, s, job in urgent[:limit]]

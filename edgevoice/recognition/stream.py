@@ -216,8 +216,7 @@ class Stream:
         self._partial_covered = 0  # stream sample up to which the current piece has a partial
         self._partial_text: dict[int, str] = {}
         self._hyp: tuple[int, list[DecodedWord], float] | None = None
-        """The last hypothesis: segment, words, seconds of audio it heard."""
-        """The last hypothesis with words: (segment, words)."""
+        """The last hypothesis with words: (segment, words, seconds of audio it heard)."""
         self.finals: deque[Job] = deque()
         interval = int(max(settings.partial_interval_s, HYPOTHESIS_INTERVAL_S) * SAMPLE_RATE)
         self.words_from = max(interval, int(COMMIT_AFTER_S * SAMPLE_RATE) - interval)
