@@ -235,7 +235,9 @@ class AsrSettings(_Section):
     initial_prompt: str | None = None
     """Text prompt for the decoder. Off by default: prompting with keywords was measured to invent them."""
     window: Literal["shared", "full"] = "shared"
-    """Encoder window: shared encodes the audio (+1 s) and fills the window with a precomputed encoder output of silence (as accurate as the full window, several times cheaper; suspect decodes are verified in full); full encodes all 30 s every time."""
+    """Encoder window of asr.model: shared encodes the audio (+1 s) and fills the window with a precomputed encoder output of silence (measured as accurate as offline on tiny.en, several times cheaper; suspect decodes are verified in full); full encodes all 30 s every time."""
+    multilingual_window: Literal["shared", "full"] = "full"
+    """Encoder window of asr.multilingual_model: full by default (on Vietnamese real speech base was measured 1.1-1.3x offline's WER in the shared window, 0.96-1.1x in the full one, at 3x the cost per decode)."""
     max_backlog_s: float = Field(60.0, ge=5, le=600)
     """Audio one stream may have waiting for recognition; beyond it the oldest is dropped, counted and logged."""
 

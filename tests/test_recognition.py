@@ -391,6 +391,24 @@ async def test_vietnamese_on_the_default_models() -> None:
     assert all(t.language == "vi" for t in vi_got)
     assert wer(SENTENCES[0], " ".join(t.text for t in finals(en_got))) < 0.25
     assert health["model"] == "tiny.en" and health["multilingual_model"] == "base"
+    assert health["window"] == "shared" and health["multilingual_window"] == "full"
+    assert rec.multilingual is not None and rec.multilingual.full_windows >= rec.multilingual.decoded > 0
+    assert rec.engine.full_windows < rec.engine.decoded  # English stays in the shared window
+
+
+def test_window_features_are_padded_as_offline_faster_whisper(tiny: WhisperRecognizer) -> None:
+    """The encoder input of a full window is offline faster-whisper's: the clip's log-mel features,
+    then zeros in the feature domain (not the features of silent audio)."""
+    from faster_whisper.audio import pad_or_trim
+
+    audio = synth(SENTENCES[0])
+    engine = tiny.engine
+    ours = engine._features([audio], 3000)[0]
+    offline = pad_or_trim(engine.model.feature_extractor(audio)[..., :-1])
+    n = len(audio) // 160
+    assert ours.shape == offline.shape == (80, 3000)
+    assert np.allclose(ours[:, : n - 1], offline[:, : n - 1], atol=1e-5)
+    assert not ours[:, n:].any() and not offline[:, n + 1 :].any()
 
 
 @pytest.mark.slow

@@ -13,7 +13,10 @@ the cost of a short utterance, and the encoder output of silence is the same for
 request. So (``asr.window = "shared"``, the default) each request is encoded in a
 window fitted to its audio plus ``FIT_PAD_S`` of silence, rounded up to ``BUCKET_S``,
 and it is followed by ``SHARED_TAIL_S`` of the encoder output of silence (up to 30 s in
-all), computed once at start-up and shared by every decode. The decoder sees Whisper's
+all), computed once at start-up and shared by every decode. Silence is padded as
+offline faster-whisper pads: zeros in the log-mel features. The multilingual model
+decodes in the full window by default (``asr.multilingual_window``: on ``base`` the
+shared one was measured to cost words). The decoder sees Whisper's
 picture (speech, then seconds of silence); the encoder only computes the speech. Every
 request is decoded on its own encoder output: nothing of one stream can appear in
 another's text.
@@ -140,6 +143,8 @@ class EngineInfo:
     compute_type: str
     multilingual: bool
     load_s: float
+    window: str = "shared"
+    """The encoder window this engine decodes in (asr.window or asr.multilingual_window)."""
 
 
 def pick_device(configured: str) -> str:
@@ -251,8 +256,11 @@ class Engine:
         """Seconds of audio window encoded (the encoder's work)."""
 
     @classmethod
-    def load(cls, settings: AsrSettings, models_dir: Path, model: str | None = None) -> Engine:
-        """Resolve, verify and load ``model`` (default ``asr.model``); blocking: call it off the event loop."""
+    def load(
+        cls, settings: AsrSettings, models_dir: Path, model: str | None = None, window: str | None = None
+    ) -> Engine:
+        """Resolve, verify and load ``model`` (default ``asr.model``, decoded in ``window``, default
+        ``asr.window``); blocking: call it off the event loop."""
         from faster_whisper import WhisperModel
 
         name = model or settings.model
@@ -281,6 +289,7 @@ class Engine:
             compute_type=compute,
             multilingual=bool(whisper.model.is_multilingual),
             load_s=time.monotonic() - started,
+            window=window or settings.window,
         )
         engine = cls(whisper, info, settings)
         engine.warm_up()
@@ -290,7 +299,7 @@ class Engine:
             path,
             device,
             compute,
-            settings.window,
+            info.window,
             time.monotonic() - started,
         )
         return engine
@@ -340,7 +349,7 @@ class Engine:
         for w in work:
             if not len(w.request.audio):
                 w.result = Decoded("", language=w.request.language)
-        full = self.settings.window == "full"
+        full = self.info.window == "full"
         self._run(live, full=full)
         again = [w for w in live if w.suspect and w.request.verify and not full]
         if again:
@@ -387,7 +396,7 @@ class Engine:
                 )
                 parts.append((w, _Work(rest), seek))
             self.continuations += len(parts)
-            self._run([p for _, p, _ in parts], full=self.settings.window == "full")
+            self._run([p for _, p, _ in parts], full=self.info.window == "full")
             for w, part, seek in parts:
                 assert w.result is not None and part.result is not None
                 if not part.result.words:  # nothing more to hear: stop here
@@ -401,13 +410,16 @@ class Engine:
                 ]
 
     def _features(self, audios: list[np.ndarray], frames: int) -> np.ndarray:
-        n = frames * HOP
-        feats = []
-        for a in audios:
-            padded = np.zeros(n, dtype=np.float32)
-            padded[: min(len(a), n)] = a[:n]
-            feats.append(self.model.feature_extractor(padded)[:, :frames])
-        return np.ascontiguousarray(np.stack(feats))
+        """Log-mel features of each audio, zero-padded to ``frames`` in the feature domain, as offline
+        faster-whisper pads a window (measured: padding with silent audio instead changes tiny.en's words,
+        "say hello" -> "safer low")."""
+        extract = self.model.feature_extractor
+        feats = np.zeros((len(audios), extract.mel_filters.shape[0], frames), dtype=np.float32)
+        for i, a in enumerate(audios):
+            n = min(len(a) // HOP, frames)
+            if n:
+                feats[i, :, :n] = extract(a[: n * HOP])[:, :n]
+        return feats
 
     def _encode(self, feats: np.ndarray) -> np.ndarray:
         from faster_whisper.transcribe import get_ctranslate2_storage

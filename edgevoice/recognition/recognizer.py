@@ -60,7 +60,7 @@ class WhisperRecognizer:
         engine = Engine.load(settings, models_dir)
         multilingual = None
         if not engine.info.multilingual and settings.multilingual_model:
-            multilingual = Engine.load(settings, models_dir, settings.multilingual_model)
+            multilingual = Engine.load(settings, models_dir, settings.multilingual_model, settings.multilingual_window)
             if not multilingual.info.multilingual:
                 raise EngineError(
                     f"asr.multilingual_model = {settings.multilingual_model!r} is English-only; name a multilingual model"
@@ -127,6 +127,7 @@ class WhisperRecognizer:
             "compute_type": info.compute_type,
             "multilingual": info.multilingual,
             "window": self.settings.window,
+            "multilingual_window": self.multilingual.info.window if self.multilingual else None,
             "beam_size": self.settings.beam_size,
             "diarization": self.diarizer.name,
             "alive": self.alive,
