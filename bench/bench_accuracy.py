@@ -327,11 +327,15 @@ async def main() -> None:
     results = []
     if not args.no_transcribe:
         rec = await asyncio.to_thread(WhisperRecognizer.load, settings, MODELS, Metrics())
+        rec.check_finals(matcher.doubt)  # as the daemon's stream hub does
         rows = report("transcribe", await transcribe_run(rec, clips), offline, matcher)
         results.append(rows)
         show(rows)
+        for line in rows["keywords"]["missed"]:
+            print(f"    missed {line}")
     for n in args.streams:
         rec = await asyncio.to_thread(WhisperRecognizer.load, settings, MODELS, Metrics())
+        rec.check_finals(matcher.doubt)
         rec.start()
         try:
             played, worst = [], 0.0
@@ -349,7 +353,9 @@ async def main() -> None:
         rows = report(f"{n} stream(s)", played, offline, matcher)
         rows["max_lag_s"] = round(worst, 2)
         rows["load"] = round(os.getloadavg()[0], 1)
-        rows["asr"] = {k: health[k] for k in ("decoded", "window_retries", "continuations", "partials_skipped")}
+        rows["asr"] = {
+            k: health[k] for k in ("decoded", "window_retries", "check_retries", "continuations", "partials_skipped")
+        }
         results.append(rows)
         show(rows)
         for line in rows["keywords"]["missed"]:

@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from edgevoice.config import AsrSettings
+from edgevoice.config import AsrSettings, KeywordSettings
+from edgevoice.events.keywords import KeywordMatcher
 from edgevoice.metrics import Metrics
 from edgevoice.recognition.recognizer import WhisperRecognizer
 from edgevoice.recognition.types import Transcript
@@ -89,6 +90,7 @@ def rss_mb() -> float:
 async def run_n(n: int, audio: np.ndarray, ends: list[float], reference: str, settings: AsrSettings) -> dict[str, Any]:
     metrics = Metrics()
     rec = await asyncio.to_thread(WhisperRecognizer.load, settings, MODELS, metrics)
+    rec.check_finals(KeywordMatcher(KeywordSettings()).doubt)  # as the daemon's stream hub does
     rec.start()
     rng = random.Random(n)
     runs = [StreamRun(offset=0.0 if i == 0 else rng.uniform(0, 2)) for i in range(n)]
@@ -180,6 +182,7 @@ async def run_n(n: int, audio: np.ndarray, ends: list[float], reference: str, se
         "mean_batch": round(size_sum / size_count, 2) if size_count else 0,
         "partials_skipped": rec.scheduler.partials_skipped,
         "window_retries": rec.engine.window_retries,
+        "check_retries": rec.engine.check_retries,
         "continuations": rec.engine.continuations,
     }
 
@@ -211,7 +214,7 @@ async def main() -> None:
         f"{len(audio) / RATE:.1f} s per stream, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}",
         flush=True,
     )
-    header = "streams  p50_s  p95_s  missed  WER    cpu   rss_MB  max_lag  bounded  batch  skipped  retried"
+    header = "streams  p50_s  p95_s  missed  WER    cpu   rss_MB  max_lag  bounded  batch  skipped  retried  checked"
     if not args.json:
         print(header, flush=True)
     results = []
@@ -226,7 +229,7 @@ async def main() -> None:
                 f"{n:>7}  {r['p50_s'] or float('nan'):5.2f}  {r['p95_s'] or float('nan'):5.2f}  {r['missed']:>6}  "
                 f"{r['wer']:.3f}  {r['cpu_cores']:4.2f}  {r['rss_mb']:>6}  {r['max_lag_s']:7.2f}  "
                 f"{'yes' if r['bounded'] else 'NO':>7}  {r['mean_batch']:5.2f}  {r['partials_skipped']:>7}  "
-                f"{r['window_retries']:>7}",
+                f"{r['window_retries']:>7}  {r['check_retries']:>7}",
                 flush=True,
             )
     print(f"# peak RSS of the process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")

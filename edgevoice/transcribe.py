@@ -65,6 +65,7 @@ async def transcribe_audio(
 ) -> tuple[list[Transcript], dict[str, Any]]:
     """Every final of ``audio`` through the streaming recognizer, and run facts."""
     from edgevoice import modelstore as models
+    from edgevoice.events.keywords import KeywordMatcher
     from edgevoice.metrics import Metrics
     from edgevoice.recognition.recognizer import WhisperRecognizer
 
@@ -72,6 +73,7 @@ async def transcribe_audio(
     recognizer = await asyncio.to_thread(
         WhisperRecognizer.load, settings.asr, models_dir, Metrics(), settings.diarization
     )
+    recognizer.check_finals(KeywordMatcher(settings.keywords).doubt)  # as the daemon's stream hub does
     try:
         return await transcribe_with(recognizer, audio, language=language, stream_id=stream_id)
     finally:

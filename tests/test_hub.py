@@ -231,3 +231,18 @@ async def test_once_stopping_new_streams_bindings_and_upgrades_are_refused(
     r = await client.get("/ws", headers={"Upgrade": "websocket", "Connection": "Upgrade"})
     assert r.status == 503 and (await r.json())["error"] == "shutting_down"
     await ws.close()
+
+
+def test_the_hub_gives_its_keyword_rules_to_the_recognizer(recognizer: WhisperRecognizer) -> None:
+    """Finals near a keyword get the full window: the hub installs the rules' check in every engine,
+    and SIGHUP's reload swaps it for the new rules' check."""
+    from edgevoice.config import KeywordRule, KeywordSettings
+
+    hub = make_hub(recognizer, None)
+    check = recognizer.engine.check
+    assert check is not None and check("Well, the lone air.", [], "en") == "near 'hello'"
+    hub.reload_keywords(KeywordSettings(rules=[KeywordRule(event="ASK_BILL", phrases=["the bill"])]))
+    check = recognizer.engine.check
+    assert check is not None and check("Well, the lone air.", [], "en") == ""
+    assert check("Can we have them bells?", [], "en") == "near 'the bill'"  # 2 edits: a match tolerates 1
+    assert check("Can we have it?", ["Can we have the bill?"], "en") == "ASK_BILL in the beam"

@@ -109,3 +109,65 @@ def test_never_crashes(text: str, language: str | None) -> None:
 def test_phrase_found_wherever_it_is_embedded(filler: str) -> None:
     m = KeywordMatcher(KeywordSettings())
     assert "SAY_SORRY" in m.match(f"{filler} xin lỗi. {filler}", "vi")
+
+
+@pytest.mark.parametrize(
+    ("text", "alternatives", "doubt"),
+    [
+        # Heard by tiny.en in the shared window where the full window hears the keyword (espeak-ng clips).
+        ("We only came into safer low.", ["We only came in to say hello."], "SAY_HELLO in the beam"),
+        ("Well, the lone air, it is nice to see you again.", [], "near 'hello'"),
+        ("Xin tốt, tốt, tốt!", [], "near 'xin loi'"),
+        ("Sorri, we are ready to order now.", [], "near 'sorry'"),
+        # Nothing to doubt: the keyword is heard, or nothing comes near one.
+        ("Hello, can we see the menu please?", ["Hello, can we see the menu, please?"], ""),
+        ("Well, hello there.", ["Well, the lone air."], ""),
+        ("Could we have some more bread please?", ["Could we have some more bread, please?"], ""),
+        ("The soup was delicious, thank you.", [], ""),
+        ("My son is allergic to peanuts and shellfish.", [], ""),  # "hell" inside a longer word
+        ("I think the fellow was right.", [], "near 'hello'"),  # a word near the phrase
+        ("", [], ""),
+    ],
+)
+def test_doubt_names_what_deserves_the_full_window(
+    default: KeywordMatcher, text: str, alternatives: list[str], doubt: str
+) -> None:
+    assert default.doubt(text, alternatives, "en") == doubt
+
+
+def test_doubt_follows_rule_languages() -> None:
+    m = KeywordMatcher(KeywordSettings(rules=[KeywordRule(event="SAY_SORRY", phrases=["xin lỗi"], languages=["vi"])]))
+    assert m.doubt("xin tốt", [], "vi") == "near 'xin loi'"
+    assert m.doubt("xin tốt", ["xin lỗi"], "en") == ""  # the rule does not apply to English streams
+
+
+def test_ordinary_text_is_rarely_doubted(default: KeywordMatcher) -> None:
+    """The check costs a full-window decode per doubted final: ordinary sentences must not trigger it."""
+    sentences = [
+        "Could we get a table by the window please",
+        "I would like the chicken with rice and a glass of water",
+        "The weather has been lovely all week",
+        "Can you bring the bill when you have a moment",
+        "My brother works at the hospital downtown",
+        "We are waiting for two more friends",
+        "Is there anything vegetarian on the menu",
+        "That was the best noodle soup I have had in years",
+        "Do you take credit cards or only cash",
+        "Let me think about it for a minute",
+    ]
+    assert [s for s in sentences if default.doubt(s, [], "en")] == []
+
+
+@given(st.text(max_size=40), st.text(max_size=40))
+def test_substring_distance_bounds(needle: str, haystack: str) -> None:
+    from rapidfuzz.distance import Levenshtein
+
+    from edgevoice.events.keywords import substring_distance
+
+    d = substring_distance(needle, haystack, 3)
+    assert 0 <= d <= 4
+    assert d <= min(Levenshtein.distance(needle, haystack), 4)  # a substring is never farther than the whole
+    if needle and needle in haystack:
+        assert d == 0
+    ends = [len(haystack)]  # one word: substrings inside it may not count, the whole never gets nearer
+    assert substring_distance(needle, haystack, 3, ends) >= d

@@ -6,7 +6,7 @@ import asyncio
 import itertools
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,7 @@ from edgevoice.config import AsrSettings, KeywordSettings
 from edgevoice.errors import BadIdentifier, BadLanguage, DuplicateStream
 from edgevoice.events.keywords import KeywordMatcher
 from edgevoice.metrics import Metrics
-from edgevoice.recognition.engine import Decoded, DecodeRequest, looks_looped, repetition_cut
+from edgevoice.recognition.engine import Decoded, DecodeRequest, Engine, looks_looped, repetition_cut
 from edgevoice.recognition.recognizer import WhisperRecognizer
 from edgevoice.recognition.stream import StreamClosed
 from edgevoice.recognition.types import Transcript
@@ -409,6 +409,39 @@ def test_window_features_are_padded_as_offline_faster_whisper(tiny: WhisperRecog
     assert ours.shape == offline.shape == (80, 3000)
     assert np.allclose(ours[:, : n - 1], offline[:, : n - 1], atol=1e-5)
     assert not ours[:, n:].any() and not offline[:, n + 1 :].any()
+
+
+def test_finals_the_check_doubts_are_decoded_as_in_the_full_window() -> None:
+    """The final check (the keyword rules in the daemon) sees a final's text and its other beam
+    hypotheses; a final it doubts comes out exactly as the full window decodes it, one it trusts is
+    not decoded again, partials are never checked, and a full-window engine has nothing to check."""
+    shared = Engine.load(AsrSettings(cpu_threads=2), MODELS)
+    full = Engine.load(AsrSettings(cpu_threads=2, window="full"), MODELS)
+    audio = np.concatenate([silence(1.2), synth("Well, hello there, it is nice to see you again."), silence(1.2)])
+    final = DecodeRequest(audio, "en", beam_size=5, speech_s=2.0)
+    calls: list[tuple[str, list[str], str | None]] = []
+    verdict = "doubted"
+
+    def check(text: str, others: Sequence[str], language: str | None) -> str:
+        calls.append((text, list(others), language))
+        return verdict
+
+    shared.check = full.check = check
+    [doubted] = shared.decode([final])
+    [(text, others, language)] = calls
+    assert language == "en" and len(others) == 4  # the whole beam but the best
+    assert text and all(o and o != text for o in others)
+    [offline] = full.decode([final])  # the full window: nothing to check
+    assert len(calls) == 1 and full.check_retries == 0
+    assert doubted.retried and shared.check_retries == shared.window_retries == 1
+    assert (doubted.text, doubted.tokens, doubted.words) == (offline.text, offline.tokens, offline.words)
+
+    verdict = ""
+    [trusted] = shared.decode([final])
+    assert len(calls) == 2 and not trusted.retried and shared.check_retries == 1
+    assert trusted.text == text  # the decode the check saw
+    shared.decode([DecodeRequest(audio, "en", beam_size=1, verify=False)])  # a partial
+    assert len(calls) == 2
 
 
 @pytest.mark.slow

@@ -22,8 +22,9 @@ request is decoded on its own encoder output: nothing of one stream can appear i
 another's text.
 
 Verification: a decode that loops (a phrase repeated), runs past ``MAX_TOKENS_PER_S``,
-leaves the end of the VAD's speech without words, or is empty on clear speech is
-decoded again in the true full 30 s window (``verify``; counted in ``window_retries``),
+leaves the end of the VAD's speech without words, is empty on clear speech, or that
+the final check (:attr:`Engine.check`, the keyword rules: a keyword among the other
+beam hypotheses, or a near miss of one) doubts is decoded again in the true full 30 s window (``verify``; counted in ``window_retries``),
 whatever the load. A repetition that survives is cut to its first copy. Decoding is at
 temperature 0 with no fallback (the fallback multiplies the cost on noise and is what
 invents text).
@@ -44,7 +45,7 @@ import numpy as np
 
 from edgevoice import modelstore as models
 from edgevoice.config import AsrSettings
-from edgevoice.recognition.types import SAMPLE_RATE
+from edgevoice.recognition.types import SAMPLE_RATE, FinalCheck
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ PREVIOUS_CHARS = 200
 """Text a continuation is conditioned on."""
 EMPTY_SPEECH_S = 1.0
 """An empty decode of at least this much VAD speech is verified in the full window."""
+_CHECKED = "final check: "
 _PREPEND = "\"'“¿([{-"
 _APPEND = "\"'.。,，!！?？:：”)]}、"
 
@@ -244,8 +246,12 @@ class Engine:
         self._suppress: list[int] | None = None
         self._silence: np.ndarray | None = None
         """Encoder output of a silent 30 s window: the shared tail of every shared window."""
+        self.check: FinalCheck | None = None
+        """Doubts finals of the shared window from their text and beam (set from the keyword rules)."""
         self.window_retries = 0
         """Requests decoded again in the full window after failing verification."""
+        self.check_retries = 0
+        """Of those, requests the final check doubted."""
         self.full_windows = 0
         """Requests encoded in the full 30 s window (asr.window = "full", or retried)."""
         self.decoded = 0
@@ -310,7 +316,7 @@ class Engine:
         self._silence = self._encode(feats)[0]
         language = "en" if not self.info.multilingual else (self.settings.language or "en")
         self.decode([DecodeRequest(np.zeros(SAMPLE_RATE, dtype=np.float32), language, words=True)])
-        self.window_retries = self.full_windows = self.decoded = self.continuations = 0
+        self.window_retries = self.check_retries = self.full_windows = self.decoded = self.continuations = 0
         self.encoded_s = 0.0
 
     # -- language ---------------------------------------------------------------------------------
@@ -356,6 +362,7 @@ class Engine:
             for w in again:
                 log.debug("verify: %s (%r); decoding again in the full window", w.suspect, w.result and w.result.text)
                 w.retried = True
+                self.check_retries += w.suspect.startswith(_CHECKED)
             self.window_retries += len(again)
             self._run(again, full=True)
         self._continue(live)
@@ -370,7 +377,7 @@ class Engine:
     def _run(self, work: list[_Work], *, full: bool) -> None:
         """Encode, generate and align ``work`` (batched); mark what verification should decode again."""
         self._encode_all(work, full=full)
-        self._generate_all(work)
+        self._generate_all(work, full=full)
         self._align_all([w for w in work if w.request.words])
         for w in work:
             w.encoded = None
@@ -392,6 +399,7 @@ class Engine:
                     audio=r.audio[int(seek * SAMPLE_RATE) :],
                     speech_end_s=None if r.speech_end_s is None else r.speech_end_s - seek,
                     speech_s=0.0,
+                    verify=False,  # the piece is never decoded again on its own
                     previous=(r.previous + " " + w.result.text).strip()[-PREVIOUS_CHARS:],
                 )
                 parts.append((w, _Work(rest), seek))
@@ -448,7 +456,7 @@ class Engine:
                         else np.concatenate([enc, self._silence[frames // 2 : _tail_end(frames)]])
                     )
 
-    def _generate_all(self, work: list[_Work]) -> None:
+    def _generate_all(self, work: list[_Work], *, full: bool) -> None:
         """One generate call per language, beam width and prompt length (CTranslate2 needs them equal)."""
         groups: dict[tuple[str | None, int, int, int], list[_Work]] = {}
         for w in work:
@@ -457,7 +465,7 @@ class Engine:
             groups.setdefault(key, []).append(w)
         for (language, beam, _, _), group in groups.items():
             for i in range(0, len(group), GENERATE_BATCH):
-                self._generate(group[i : i + GENERATE_BATCH], language, beam)
+                self._generate(group[i : i + GENERATE_BATCH], language, beam, checked=not full)
 
     def _previous_tokens(self, request: DecodeRequest) -> list[int]:
         parts = [p for p in (self.settings.initial_prompt, request.previous) if p]
@@ -466,7 +474,9 @@ class Engine:
         tok = self._tokenizer(request.language or "en")
         return list(tok.encode(" " + " ".join(p.strip() for p in parts)))[-(self.model.max_length // 2 - 1) :]
 
-    def _generate(self, work: list[_Work], language: str | None, beam: int) -> None:
+    def _generate(self, work: list[_Work], language: str | None, beam: int, *, checked: bool) -> None:
+        """One generate call; with ``checked`` (a shared window), finals get the final check, on the
+        whole beam (measured: asking CTranslate2 for every hypothesis leaves the best one unchanged)."""
         import ctranslate2
         from faster_whisper.transcribe import get_suppressed_tokens
 
@@ -484,10 +494,12 @@ class Engine:
         ]
         longest_s = max(len(w.request.audio) for w in work) / SAMPLE_RATE
         max_length = min(model.max_length, len(prompts[0]) + int(longest_s * MAX_TOKENS_PER_S) + 10)
+        check = self.check if checked and any(w.request.verify for w in work) else None
         raw = model.model.generate(
             encoded,
             prompts,
             beam_size=beam,
+            num_hypotheses=beam if check is not None else 1,
             max_length=max_length,
             return_scores=True,
             return_no_speech_prob=True,
@@ -496,6 +508,12 @@ class Engine:
         )
         for w, lang, r in zip(work, langs, raw, strict=True):
             w.result, w.suspect = self._result(w.request, lang, r)
+            if check is not None and w.request.verify and not w.suspect:
+                tok = self._tokenizer(lang)
+                others = [tok.decode([t for t in seq if t < tok.eot]).strip() for seq in r.sequences_ids[1:]]
+                reason = check(w.result.text, others, lang)
+                if reason:
+                    w.suspect = f"{_CHECKED}{reason}"
 
     def _result(self, request: DecodeRequest, language: str, r: Any) -> tuple[Decoded, str]:
         """The text of one generate result, and why it is suspect (empty when it is not)."""

@@ -20,7 +20,7 @@ from edgevoice.recognition.diarization import Diarizer, build_diarizer
 from edgevoice.recognition.engine import Engine, EngineError, language_code
 from edgevoice.recognition.scheduler import Scheduler
 from edgevoice.recognition.stream import Stream
-from edgevoice.recognition.types import TranscriptCallback
+from edgevoice.recognition.types import FinalCheck, TranscriptCallback
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,12 @@ class WhisperRecognizer:
             raise DuplicateStream(str(exc)) from None
         return stream
 
+    def check_finals(self, check: FinalCheck | None) -> None:
+        """Finals decoded in a shared window that ``check`` doubts are decoded again in the full one
+        (engines decoding in the full window already decode as offline Whisper does)."""
+        for engine in self.scheduler.engines.values():
+            engine.check = check
+
     @property
     def alive(self) -> bool:
         return self.scheduler.alive
@@ -126,7 +132,7 @@ class WhisperRecognizer:
             "device": info.device,
             "compute_type": info.compute_type,
             "multilingual": info.multilingual,
-            "window": self.settings.window,
+            "window": info.window,
             "multilingual_window": self.multilingual.info.window if self.multilingual else None,
             "beam_size": self.settings.beam_size,
             "diarization": self.diarizer.name,
@@ -138,6 +144,7 @@ class WhisperRecognizer:
             "decoded": sum(e.decoded for e in engines),
             "full_windows": sum(e.full_windows for e in engines),
             "window_retries": sum(e.window_retries for e in engines),
+            "check_retries": sum(e.check_retries for e in engines),
             "continuations": sum(e.continuations for e in engines),
             "errors": self.scheduler.errors,
         }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -43,6 +43,10 @@ class Transcript:
 TranscriptCallback = Callable[[Transcript], None]
 """Called on the event loop for every partial and final of a stream."""
 
+FinalCheck = Callable[[str, Sequence[str], "str | None"], str]
+"""(a final's text, the decoder's other beam hypotheses, language) -> why the final should be decoded
+again in the full window ("" if not); called in the inference thread, so it must be cheap and pure."""
+
 
 class RecognitionStream(Protocol):
     """One audio stream inside the shared recognizer."""
@@ -79,3 +83,7 @@ class Recognizer(Protocol):
         self, stream_id: str, *, language: str | None, on_transcript: TranscriptCallback
     ) -> RecognitionStream:
         """Start recognizing a new stream; refusals are :class:`~edgevoice.errors.RecognizerError` subclasses."""
+
+    def check_finals(self, check: FinalCheck | None) -> None:
+        """Have every final decoded in a shared window that ``check`` doubts decoded again in the full
+        window (the keyword rules: a keyword missed is an event lost); None: no such check."""
