@@ -101,8 +101,8 @@ class KeywordMatcher:
         ``alternatives`` are the decoder's other beam hypotheses of the same audio. Doubtful: an
         alternative fires an event ``text`` does not, or ``text`` comes within ``max_edits + 1``
         letter edits of a phrase (spaces ignored; not inside one longer word: "shellfish" is not
-        near "hello") without firing its event. Either way the decode in
-        the full window decides, so this can cost a decode but never invents an event.
+        near "hello") without firing its event. Either way the decode in the full window decides,
+        so this can cost a decode but never invents an event.
         """
         fired = set(self.match(text, language))
         for alt in alternatives:
