@@ -25,9 +25,9 @@ Verification: a decode that loops (a phrase repeated), runs past ``MAX_TOKENS_PE
 leaves the end of the VAD's speech without words, is empty on clear speech, or that
 the final check doubts (:attr:`Engine.check`, the keyword rules: a keyword among the
 other beam hypotheses, or a near miss of one) is decoded again in the true full 30 s
-window (``verify``; counted in ``window_retries``), whatever the load. A repetition that survives is cut to its first copy. Decoding is at
-temperature 0 with no fallback (the fallback multiplies the cost on noise and is what
-invents text).
+window (``verify``; counted in ``window_retries``), whatever the load. A repetition
+that survives is cut to its first copy. Decoding is at temperature 0 with no fallback
+(the fallback multiplies the cost on noise and is what invents text).
 """
 
 from __future__ import annotations
