@@ -82,7 +82,6 @@ PREVIOUS_CHARS = 200
 """Text a continuation is conditioned on."""
 EMPTY_SPEECH_S = 1.0
 """An empty decode of at least this much VAD speech is verified in the full window."""
-_CHECKED = "final check: "
 _PREPEND = "\"'“¿([{-"
 _APPEND = "\"'.。,，!！?？:：”)]}、"
 
@@ -229,6 +228,8 @@ class _Work:
     result: Decoded | None = None
     suspect: str = ""
     """Why verification wants a full-window decode (empty: it does not)."""
+    doubted: bool = False
+    """The suspicion is the final check's."""
     retried: bool = False
 
 
@@ -362,7 +363,7 @@ class Engine:
             for w in again:
                 log.debug("verify: %s (%r); decoding again in the full window", w.suspect, w.result and w.result.text)
                 w.retried = True
-                self.check_retries += w.suspect.startswith(_CHECKED)
+                self.check_retries += w.doubted
             self.window_retries += len(again)
             self._run(again, full=True)
         self._continue(live)
@@ -513,7 +514,7 @@ class Engine:
                 others = [tok.decode([t for t in seq if t < tok.eot]).strip() for seq in r.sequences_ids[1:]]
                 reason = check(w.result.text, others, lang)
                 if reason:
-                    w.suspect = f"{_CHECKED}{reason}"
+                    w.suspect, w.doubted = f"final check: {reason}", True
 
     def _result(self, request: DecodeRequest, language: str, r: Any) -> tuple[Decoded, str]:
         """The text of one generate result, and why it is suspect (empty when it is not)."""
