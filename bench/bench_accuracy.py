@@ -327,7 +327,7 @@ async def main() -> None:
     results = []
     if not args.no_transcribe:
         rec = await asyncio.to_thread(WhisperRecognizer.load, settings, MODELS, Metrics())
-        rec.check_finals(matcher.doubt)  # as the daemon's stream hub does
+        rec.check_finals(matcher)  # as the daemon's stream hub does
         rows = report("transcribe", await transcribe_run(rec, clips), offline, matcher)
         results.append(rows)
         show(rows)
@@ -335,7 +335,7 @@ async def main() -> None:
             print(f"    missed {line}")
     for n in args.streams:
         rec = await asyncio.to_thread(WhisperRecognizer.load, settings, MODELS, Metrics())
-        rec.check_finals(matcher.doubt)
+        rec.check_finals(matcher)
         rec.start()
         try:
             played, worst = [], 0.0

@@ -90,7 +90,7 @@ def rss_mb() -> float:
 async def run_n(n: int, audio: np.ndarray, ends: list[float], reference: str, settings: AsrSettings) -> dict[str, Any]:
     metrics = Metrics()
     rec = await asyncio.to_thread(WhisperRecognizer.load, settings, MODELS, metrics)
-    rec.check_finals(KeywordMatcher(KeywordSettings()).doubt)  # as the daemon's stream hub does
+    rec.check_finals(KeywordMatcher(KeywordSettings()))  # as the daemon's stream hub does
     rec.start()
     rng = random.Random(n)
     runs = [StreamRun(offset=0.0 if i == 0 else rng.uniform(0, 2)) for i in range(n)]

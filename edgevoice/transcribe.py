@@ -73,7 +73,7 @@ async def transcribe_audio(
     recognizer = await asyncio.to_thread(
         WhisperRecognizer.load, settings.asr, models_dir, Metrics(), settings.diarization
     )
-    recognizer.check_finals(KeywordMatcher(settings.keywords).doubt)  # as the daemon's stream hub does
+    recognizer.check_finals(KeywordMatcher(settings.keywords))  # as the daemon's stream hub does
     try:
         return await transcribe_with(recognizer, audio, language=language, stream_id=stream_id)
     finally:

@@ -240,9 +240,9 @@ def test_the_hub_gives_its_keyword_rules_to_the_recognizer(recognizer: WhisperRe
 
     hub = make_hub(recognizer, None)
     check = recognizer.engine.check
-    assert check is not None and check("Well, the lone air.", [], "en") == "near 'hello'"
+    assert check is hub.matcher and check.doubt("Well, the lone air.", [], "en") == "near 'hello'"
     hub.reload_keywords(KeywordSettings(rules=[KeywordRule(event="ASK_BILL", phrases=["the bill"])]))
     check = recognizer.engine.check
-    assert check is not None and check("Well, the lone air.", [], "en") == ""
-    assert check("Can we have them bells?", [], "en") == "near 'the bill'"  # 2 edits: a match tolerates 1
-    assert check("Can we have it?", ["Can we have the bill?"], "en") == "ASK_BILL in the beam"
+    assert check is hub.matcher and check.doubt("Well, the lone air.", [], "en") == ""
+    assert check.doubt("Can we have them bells?", [], "en") == "near 'the bill'"  # 2 edits: a match tolerates 1
+    assert check.doubt("Can we have it?", ["Can we have the bill?"], "en") == "ASK_BILL in the beam"

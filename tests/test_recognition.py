@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +18,20 @@ from edgevoice.config import AsrSettings, KeywordSettings
 from edgevoice.errors import BadIdentifier, BadLanguage, DuplicateStream
 from edgevoice.events.keywords import KeywordMatcher
 from edgevoice.metrics import Metrics
-from edgevoice.recognition.engine import Decoded, DecodeRequest, Engine, looks_looped, repetition_cut
+from edgevoice.recognition.engine import (
+    VIEW_LEADS_S,
+    VIEW_TAIL_S,
+    VIEWS,
+    Decoded,
+    DecodeRequest,
+    Engine,
+    looks_looped,
+    repetition_cut,
+)
 from edgevoice.recognition.recognizer import WhisperRecognizer
 from edgevoice.recognition.stream import StreamClosed
 from edgevoice.recognition.types import Transcript
-from tests.support.speech import continuous_turn, have_espeak, noise, offline_text, silence, synth, wer
+from tests.support.speech import continuous_turn, have_espeak, noise, offline_text, silence, synth, trim, wer
 
 pytestmark = pytest.mark.skipif(not have_espeak(), reason="espeak-ng is not installed")
 
@@ -411,37 +421,170 @@ def test_window_features_are_padded_as_offline_faster_whisper(tiny: WhisperRecog
     assert not ours[:, n:].any() and not offline[:, n + 1 :].any()
 
 
-def test_finals_the_check_doubts_are_decoded_as_in_the_full_window() -> None:
-    """The final check (the keyword rules in the daemon) sees a final's text and its other beam
-    hypotheses; a final it doubts comes out exactly as the full window decodes it, one it trusts is
-    not decoded again, partials are never checked, and a full-window engine has nothing to check."""
-    shared = Engine.load(AsrSettings(cpu_threads=2), MODELS)
-    full = Engine.load(AsrSettings(cpu_threads=2, window="full"), MODELS)
-    audio = np.concatenate([silence(1.2), synth("Well, hello there, it is nice to see you again."), silence(1.2)])
-    final = DecodeRequest(audio, "en", beam_size=5, speech_s=2.0)
-    calls: list[tuple[str, list[str], str | None]] = []
-    verdict = "doubted"
+class _Check:
+    """A final check for tests: doubts as told, records what it saw; ``fire(n, text)`` gives the events of
+    the n-th text :meth:`match` is asked about (the views of a doubted final, in order)."""
 
-    def check(text: str, others: Sequence[str], language: str | None) -> str:
-        calls.append((text, list(others), language))
-        return verdict
+    def __init__(self, fire: Callable[[int, str], list[str]] = lambda n, text: []) -> None:
+        self.verdict = "doubted"
+        self.doubts: list[tuple[str, list[str], str | None]] = []
+        self.matched: list[str] = []
+        self.fire = fire
 
-    shared.check = full.check = check
-    [doubted] = shared.decode([final])
-    [(text, others, language)] = calls
+    def doubt(self, text: str, alternatives: Sequence[str], language: str | None = None) -> str:
+        self.doubts.append((text, list(alternatives), language))
+        return self.verdict
+
+    def match(self, text: str, language: str | None = None) -> list[str]:
+        self.matched.append(text)
+        return self.fire(len(self.matched) - 1, text)
+
+
+def _views(request: DecodeRequest) -> list[DecodeRequest]:
+    """The full-window views of a doubted final, as the engine builds them: plain, then padded."""
+    tail = silence(VIEW_TAIL_S)
+    padded = [
+        dataclasses.replace(request, audio=np.concatenate([silence(lead), request.audio, tail]), verify=False)
+        for lead in VIEW_LEADS_S
+    ]
+    return [dataclasses.replace(request, verify=False), *padded]
+
+
+@pytest.fixture(scope="module")
+def engines() -> tuple[Engine, Engine]:
+    """tiny.en in the shared window, and in the full window with no check (offline's decode)."""
+    return Engine.load(AsrSettings(cpu_threads=2), MODELS), Engine.load(
+        AsrSettings(cpu_threads=2, window="full"), MODELS
+    )
+
+
+HELLO = np.concatenate([silence(1.2), synth("Well, hello there, it is nice to see you again."), silence(1.2)])
+
+
+def _review(engine: Engine, final: DecodeRequest) -> tuple[Decoded, Decoded]:
+    """A final the check doubts, then its review (the vote of its views), as the scheduler runs them."""
+    [first] = engine.decode([final])
+    assert first.doubted, first.text
+    [voted] = engine.decode([dataclasses.replace(final, review=True, first=first)])
+    assert not voted.doubted and voted.retried
+    return first, voted
+
+
+def test_the_final_check_sees_every_final_and_its_beam_in_either_window(engines: tuple[Engine, Engine]) -> None:
+    """The check sees a final's text and its other beam hypotheses; a final it doubts comes back doubted,
+    and its review, whose views all fire the same events, is exactly the plain full window's decode; one it
+    trusts is not decoded again; partials are never checked; a full-window engine's finals are checked too,
+    and its review reuses the doubted decode as the plain view."""
+    shared, full = engines
+    final = DecodeRequest(HELLO, "en", beam_size=5, speech_s=2.0)
+    check = _Check()
+    shared.check, full.check = check, None
+    before = (shared.check_retries, shared.window_retries)
+    first, doubted = _review(shared, final)
+    [(text, others, language)] = check.doubts
     assert language == "en" and len(others) == 4  # the whole beam but the best
-    assert text and all(o and o != text for o in others)
-    [offline] = full.decode([final])  # the full window: nothing to check
-    assert len(calls) == 1 and full.check_retries == 0
-    assert doubted.retried and shared.check_retries == shared.window_retries == 1
+    assert first.text == text and all(o and o != text for o in others)
+    assert len(check.matched) == VIEWS == 7  # the plain full window and six padded views voted
+    [offline] = full.decode([final])
+    assert (shared.check_retries, shared.window_retries) == (before[0] + 1, before[1] + 1)
     assert (doubted.text, doubted.tokens, doubted.words) == (offline.text, offline.tokens, offline.words)
 
-    verdict = ""
+    check.verdict = ""
     [trusted] = shared.decode([final])
-    assert len(calls) == 2 and not trusted.retried and shared.check_retries == 1
-    assert trusted.text == text  # the decode the check saw
-    shared.decode([DecodeRequest(audio, "en", beam_size=1, verify=False)])  # a partial
-    assert len(calls) == 2
+    assert len(check.doubts) == 2 and not trusted.retried and not trusted.doubted
+    assert trusted.text == text and shared.check_retries == before[0] + 1  # the decode the check saw
+    shared.decode([DecodeRequest(HELLO, "en", beam_size=1, verify=False)])  # a partial
+    assert len(check.doubts) == 2
+
+    check.verdict = "doubted"
+    full.check = check
+    try:
+        full_first, full_voted = _review(full, final)
+    finally:
+        full.check = None
+    assert len(check.doubts) == 3 and check.doubts[-1][0] == full_first.text == offline.text
+    assert len(check.doubts[-1][1]) == 4
+    assert len(check.matched) == 2 * VIEWS  # six padded views decoded, the doubted decode the seventh
+    assert (full_voted.text, full_voted.tokens, full_voted.words) == (offline.text, offline.tokens, offline.words)
+
+
+@pytest.mark.parametrize("votes", [4, 3])
+def test_the_views_of_a_doubted_final_vote(engines: tuple[Engine, Engine], votes: int) -> None:
+    """A doubted final takes the events most of its full-window views fire: with 4 of 7 views for an event
+    (not the plain one), the likeliest of those four stands, its words within the final's audio; with 3
+    of 7 the plain view's text stands."""
+    shared, full = engines
+    final = DecodeRequest(HELLO, "en", beam_size=5, speech_s=2.0)
+    voters = range(1, 1 + votes)
+    shared.check = _Check(lambda n, text: ["E"] if n in voters else [])
+    _, got = _review(shared, final)
+    views = full.decode(_views(final))  # the same views, batched as the engine batches them
+    if votes > VIEWS // 2:
+        best = max((views[i] for i in voters), key=lambda d: d.avg_logprob)
+        assert (got.text, got.tokens) == (best.text, best.tokens)
+        assert got.words and all(0 <= w.start <= w.end <= len(HELLO) / RATE for w in got.words)
+    else:
+        assert (got.text, got.tokens, got.words) == (views[0].text, views[0].tokens, views[0].words)
+
+
+async def test_a_review_holds_no_other_streams_final() -> None:
+    """Two streams end an utterance together; the check doubts one of them: the other's final is emitted
+    from the batch both were decoded in, and the doubted one follows from its review, a batch of its own
+    (drain: the cycles run in order, nothing is chosen by the clock)."""
+    rec = WhisperRecognizer.load(AsrSettings(cpu_threads=2, multilingual_model=None), MODELS, Metrics())
+    rec.check_finals(_Check())
+    check = rec.engine.check
+    assert isinstance(check, _Check)
+    check.doubt = lambda text, alternatives, language=None: "doubted" if "there" in text.lower() else ""  # type: ignore[method-assign]
+    got: list[tuple[str, str]] = []
+    speech = {
+        "a": synth("Well, hello there, it is nice to see you again."),
+        "b": synth("Could we have some more bread?"),
+    }
+    longest = max(len(x) for x in speech.values())
+    audio = {  # both end at the same sample: their endpoints come in the same cycle
+        k: np.concatenate([silence(0.5 + (longest - len(x)) / RATE), x, silence(1.5)]) for k, x in speech.items()
+    }
+    n = max(len(a) for a in audio.values())
+    streams = {
+        k: rec.open_stream(
+            k, language="en", on_transcript=lambda t: got.append((t.stream_id, t.text)) if t.final and t.text else None
+        )
+        for k in audio
+    }
+    step = int(0.1 * RATE)
+    for i in range(0, n, step):
+        for k, s in streams.items():
+            if i < len(audio[k]):
+                s.feed(audio[k][i : i + step])
+        await asyncio.to_thread(rec.scheduler.drain)
+        await asyncio.sleep(0)
+    for s in streams.values():
+        fut = asyncio.ensure_future(s.finish())
+        await asyncio.sleep(0)
+        await asyncio.to_thread(rec.scheduler.drain)
+        await fut
+    assert [k for k, _ in got] == ["b", "a"], got
+    assert "there" in got[1][1] and rec.engine.check_retries == 1  # its review (no view fires: the plain view stands)
+
+
+async def test_a_keyword_on_a_decision_boundary_is_heard_by_the_views(tiny: WhisperRecognizer) -> None:
+    """ "We only came in to say hello." in en-gb+f3 (bench_accuracy's kw_en_2_4): its final, cut as the
+    stream cuts it, is heard "safe alone" in the shared window and in the plain full window, offline hears
+    "say hello"; the keyword rules doubt it, and the views' majority hears SAY_HELLO."""
+    matcher = KeywordMatcher(KeywordSettings())
+    tiny.check_finals(matcher)
+    before = tiny.engine.check_retries
+    try:
+        audio = np.concatenate(
+            [silence(1.2), trim(synth("We only came in to say hello.", voice="en-gb+f3", pitch=60)), silence(1.2)]
+        )
+        got = finals(await run(tiny, audio, stream_id="boundary"))
+    finally:
+        tiny.check_finals(None)
+    text = " ".join(t.text for t in got)
+    assert tiny.engine.check_retries == before + 1, text
+    assert matcher.match(text, "en") == ["SAY_HELLO"], text
 
 
 @pytest.mark.slow

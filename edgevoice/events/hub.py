@@ -241,7 +241,7 @@ class StreamHub:
         self.recognizer = recognizer
         self.metrics = metrics
         self.matcher = KeywordMatcher(settings.keywords)
-        recognizer.check_finals(self.matcher.doubt)
+        recognizer.check_finals(self.matcher)
         recovered = event_queue.open_sessions() if event_queue is not None else []
         self.sessions = SessionRegistry(
             settings.sessions.max_transcript_chars,
@@ -645,7 +645,7 @@ class StreamHub:
     def reload_keywords(self, keywords: KeywordSettings) -> None:
         """Swap the keyword rules; open streams and fired events are kept."""
         self.matcher = KeywordMatcher(keywords)
-        self.recognizer.check_finals(self.matcher.doubt)
+        self.recognizer.check_finals(self.matcher)
         log.info("keyword rules reloaded: %s", ", ".join(self.matcher.events) or "none")
 
     def health(self) -> Message:

@@ -96,13 +96,13 @@ class KeywordMatcher:
         return list(dict.fromkeys(event for _, event in sorted(found, key=lambda x: x[0])))
 
     def doubt(self, text: str, alternatives: Sequence[str], language: str | None = None) -> str:
-        """Why a final's text should be decoded again in the full window before it is trusted ("" if not).
+        """Why a final's text should not be trusted before full-window views of it vote ("" if not).
 
         ``alternatives`` are the decoder's other beam hypotheses of the same audio. Doubtful: an
         alternative fires an event ``text`` does not, or ``text`` comes within ``max_edits + 1``
         letter edits of a phrase (spaces ignored; not inside one longer word: "shellfish" is not
-        near "hello") without firing its event. Either way the decode in the full window decides,
-        so this can cost a decode but never invents an event.
+        near "hello") without firing its event. Either way the majority of the views decides, so
+        this can cost decodes but never invents an event.
         """
         fired = set(self.match(text, language))
         for alt in alternatives:

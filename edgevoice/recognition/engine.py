@@ -22,12 +22,25 @@ request is decoded on its own encoder output: nothing of one stream can appear i
 another's text.
 
 Verification: a decode that loops (a phrase repeated), runs past ``MAX_TOKENS_PER_S``,
-leaves the end of the VAD's speech without words, is empty on clear speech, or that
-the final check doubts (:attr:`Engine.check`, the keyword rules: a keyword among the
-other beam hypotheses, or a near miss of one) is decoded again in the true full 30 s
-window (``verify``; counted in ``window_retries``), whatever the load. A repetition
-that survives is cut to its first copy. Decoding is at temperature 0 with no fallback
-(the fallback multiplies the cost on noise and is what invents text).
+leaves the end of the VAD's speech without words, or is empty on clear speech is
+decoded again in the true full 30 s window (``verify``; counted in ``window_retries``),
+whatever the load. A repetition that survives is cut to its first copy. Decoding is at
+temperature 0 with no fallback (the fallback multiplies the cost on noise and is what
+invents text).
+
+The final check (:attr:`Engine.check`, the keyword rules) sees every final's text and
+its other beam hypotheses, in either window. A final it doubts (a keyword among the
+other hypotheses, or a near miss of one) sits on a decision boundary: tiny.en's text of
+such a clip flips when its start moves by 256 samples (docs/benchmarks.md). So it is
+decided by a vote, not by one alignment: ``VIEWS`` full-window decodes of the same
+audio, the plain one and ones padded with silence as offline faster-whisper's VAD
+chunks are (``VIEW_LEADS_S``, ``VIEW_TAIL_S``); the events most of them fire win, and
+the text of a view that fires them stands (the plain one's if it is among them, else
+the likeliest). The check never fires an event by itself: views of the same audio do,
+and only by majority. A doubted final comes back :attr:`Decoded.doubted` and is decoded
+again with ``review`` (the scheduler does it in a batch of its own, so the other finals
+of its batch are not held); it costs ``VIEWS`` full-window decodes (counted in
+``check_retries``; they are rare: a few in a thousand finals).
 """
 
 from __future__ import annotations
@@ -82,6 +95,12 @@ PREVIOUS_CHARS = 200
 """Text a continuation is conditioned on."""
 EMPTY_SPEECH_S = 1.0
 """An empty decode of at least this much VAD speech is verified in the full window."""
+VIEW_TAIL_S = 0.2
+"""Silence a padded view of a doubted final adds after it (with the stream's 0.2 s pad: offline's 0.4 s)."""
+VIEW_LEADS_S = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+"""Silence each padded view adds before the final's audio (its pre-roll then spans 0.38-0.88 s about
+offline's 0.4 s): the plain full window and these make the ``VIEWS`` that vote on a doubted final."""
+VIEWS = 1 + len(VIEW_LEADS_S)
 _PREPEND = "\"'“¿([{-"
 _APPEND = "\"'.。,，!！?？:：”)]}、"
 
@@ -110,6 +129,10 @@ class DecodeRequest:
     from its last word (with ``words``); None: never continued."""
     previous: str = ""
     """Text said just before ``audio`` in the same utterance (the decoder is conditioned on it)."""
+    review: bool = False
+    """A final the check doubted (its :attr:`Decoded.doubted`): decode its ``VIEWS`` and let them vote."""
+    first: Decoded | None = None
+    """With ``review``: the decode the check doubted (a full-window engine's is its plain view)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,8 +155,11 @@ class Decoded:
     no_speech_prob: float = 0.0
     avg_logprob: float = 0.0
     retried: bool = False
-    """Decoded again in the full window after the shared-window decode failed verification."""
+    """Decoded again in the full window: it failed verification, or its views voted on a doubted final."""
     tokens: list[int] = field(default_factory=list)
+    doubted: bool = False
+    """The final check doubted this final: it is not the text yet; decode the request again with ``review``
+    (the caller does, in a batch of its own, so that a doubt does not hold other streams' finals)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,7 +274,7 @@ class Engine:
         self._silence: np.ndarray | None = None
         """Encoder output of a silent 30 s window: the shared tail of every shared window."""
         self.check: FinalCheck | None = None
-        """Doubts finals of the shared window from their text and beam (set from the keyword rules)."""
+        """Doubts finals from their text and beam, and names the events of a text (the keyword rules)."""
         self.window_retries = 0
         """Requests decoded again in the full window after failing verification."""
         self.check_retries = 0
@@ -350,24 +376,36 @@ class Engine:
     # -- decode -----------------------------------------------------------------------------------
 
     def decode(self, requests: Sequence[DecodeRequest]) -> list[Decoded]:
-        """Decode every request, batched and verified; results in request order."""
+        """Decode every request, batched and verified; results in request order. A final the check
+        doubts comes back :attr:`Decoded.doubted`; decoded again with ``review``, its views vote."""
         work = [_Work(r) for r in requests]
         live = [w for w in work if len(w.request.audio)]
         for w in work:
             if not len(w.request.audio):
                 w.result = Decoded("", language=w.request.language)
         full = self.info.window == "full"
-        self._run(live, full=full)
-        again = [w for w in live if w.suspect and w.request.verify and not full]
-        if again:
-            for w in again:
-                log.debug("verify: %s (%r); decoding again in the full window", w.suspect, w.result and w.result.text)
-                w.retried = True
-                self.check_retries += w.doubted
-            self.window_retries += len(again)
-            self._run(again, full=True)
-        self._continue(live)
-        self.decoded += len(live)
+        reviews = [w for w in live if w.request.review]
+        first = [w for w in live if not w.request.review]
+        self._run(first, full=full, checked=True)
+        again = [w for w in first if w.suspect and w.request.verify and not w.doubted and not full]
+        views = {id(w): self._views(w) for w in reviews}
+        for w in again:
+            log.debug("verify: %s (%r); decoding again in the full window", w.suspect, w.result and w.result.text)
+            w.retried = True
+        self.window_retries += len(again) + len(reviews)
+        self.check_retries += len(reviews)
+        if again or reviews:
+            self._run(again + [v for vs in views.values() for _, v in vs], full=True)
+        for w in reviews:
+            self._vote(w, views[id(w)])
+            w.retried = True
+        for w in first:
+            if w.doubted:
+                assert w.result is not None
+                log.debug("%s (%r): its views will vote", w.suspect, w.result.text)
+                w.result.doubted = True
+        self._continue([w for w in live if not w.doubted])
+        self.decoded += len(first)
         out = []
         for w in work:
             assert w.result is not None
@@ -375,13 +413,62 @@ class Engine:
             out.append(w.result)
         return out
 
-    def _run(self, work: list[_Work], *, full: bool) -> None:
-        """Encode, generate and align ``work`` (batched); mark what verification should decode again."""
+    def _run(self, work: list[_Work], *, full: bool, checked: bool = False) -> None:
+        """Encode, generate and align ``work`` (batched); mark what verification should decode again
+        (with ``checked``, finals the final check doubts too)."""
         self._encode_all(work, full=full)
-        self._generate_all(work, full=full)
+        self._generate_all(work, checked=checked)
         self._align_all([w for w in work if w.request.words])
         for w in work:
             w.encoded = None
+
+    def _views(self, w: _Work) -> list[tuple[float, _Work]]:
+        """The full-window views of a doubted final, each with the silence it adds before the audio:
+        the request as it is (unless the doubted decode was in the full window), then padded."""
+        r = dataclasses.replace(w.request, verify=False, review=False, first=None)
+        views = [] if self._plain(w) is not None else [(0.0, _Work(r))]
+        tail = np.zeros(int(VIEW_TAIL_S * SAMPLE_RATE), dtype=np.float32)
+        for lead in VIEW_LEADS_S:
+            audio = np.concatenate([np.zeros(int(lead * SAMPLE_RATE), dtype=np.float32), r.audio, tail])
+            views.append((lead, _Work(dataclasses.replace(r, audio=audio, speech_end_s=None))))
+        return views
+
+    def _plain(self, w: _Work) -> Decoded | None:
+        """The doubted decode of a review when it is the plain full-window view (a full-window engine's)."""
+        return w.request.first if self.info.window == "full" else None
+
+    def _vote(self, w: _Work, views: list[tuple[float, _Work]]) -> None:
+        """The result of a doubted final: the events most views fire (a tie goes to the plain view's, then
+        to the earliest view's), with the text of the plain view if it fires them, else of the likeliest
+        view that does; word times are those of ``w``'s audio."""
+        plain = self._plain(w)
+        decodes = [(0.0, dataclasses.replace(plain, words=list(plain.words), doubted=False))] if plain else []
+        decodes += [(lead, v.result) for lead, v in views if v.result is not None]  # views are never doubted
+        check = self.check
+        fired = [frozenset(check.match(d.text, d.language or w.request.language) if check else ()) for _, d in decodes]
+        counts: dict[frozenset[str], int] = {}
+        for f in fired:
+            counts[f] = counts.get(f, 0) + 1
+        most = max(counts.values())
+        win = fired[0] if counts[fired[0]] == most else next(f for f in fired if counts[f] == most)
+        chosen = (
+            0
+            if fired[0] == win
+            else max((i for i, f in enumerate(fired) if f == win), key=lambda i: (decodes[i][1].avg_logprob, -i))
+        )
+        lead, result = decodes[chosen]
+        limit = len(w.request.audio) / SAMPLE_RATE
+        result.words = [
+            DecodedWord(
+                x.text,
+                round(min(max(0.0, x.start - lead), limit), 3),
+                round(min(max(0.0, x.end - lead), limit), 3),
+                x.probability,
+            )
+            for x in result.words
+        ]
+        log.debug("final check: %d of %d views fire %s; %r stands", most, len(decodes), sorted(win), result.text)
+        w.result = result
 
     def _continue(self, work: list[_Work]) -> None:
         """Where the decoder stopped before the speech did, decode on from its last word (conditioned on
@@ -457,7 +544,7 @@ class Engine:
                         else np.concatenate([enc, self._silence[frames // 2 : _tail_end(frames)]])
                     )
 
-    def _generate_all(self, work: list[_Work], *, full: bool) -> None:
+    def _generate_all(self, work: list[_Work], *, checked: bool) -> None:
         """One generate call per language, beam width and prompt length (CTranslate2 needs them equal)."""
         groups: dict[tuple[str | None, int, int, int], list[_Work]] = {}
         for w in work:
@@ -466,7 +553,7 @@ class Engine:
             groups.setdefault(key, []).append(w)
         for (language, beam, _, _), group in groups.items():
             for i in range(0, len(group), GENERATE_BATCH):
-                self._generate(group[i : i + GENERATE_BATCH], language, beam, checked=not full)
+                self._generate(group[i : i + GENERATE_BATCH], language, beam, checked=checked)
 
     def _previous_tokens(self, request: DecodeRequest) -> list[int]:
         parts = [p for p in (self.settings.initial_prompt, request.previous) if p]
@@ -476,8 +563,8 @@ class Engine:
         return list(tok.encode(" " + " ".join(p.strip() for p in parts)))[-(self.model.max_length // 2 - 1) :]
 
     def _generate(self, work: list[_Work], language: str | None, beam: int, *, checked: bool) -> None:
-        """One generate call; with ``checked`` (a shared window), finals get the final check, on the
-        whole beam (measured: asking CTranslate2 for every hypothesis leaves the best one unchanged)."""
+        """One generate call; with ``checked``, finals get the final check, on the whole beam (measured:
+        asking CTranslate2 for every hypothesis leaves the best one unchanged)."""
         import ctranslate2
         from faster_whisper.transcribe import get_suppressed_tokens
 
@@ -509,12 +596,12 @@ class Engine:
         )
         for w, lang, r in zip(work, langs, raw, strict=True):
             w.result, w.suspect = self._result(w.request, lang, r)
-            if check is not None and w.request.verify and not w.suspect:
+            if check is not None and w.request.verify:  # suspect or not: a doubt is settled by the views
                 tok = self._tokenizer(lang)
                 others = [tok.decode([t for t in seq if t < tok.eot]).strip() for seq in r.sequences_ids[1:]]
-                reason = check(w.result.text, others, lang)
+                reason = check.doubt(w.result.text, others, lang)
                 if reason:
-                    w.suspect, w.doubted = f"final check: {reason}", True
+                    w.suspect, w.doubted = "; ".join(filter(None, [w.suspect, f"final check: {reason}"])), True
 
     def _result(self, request: DecodeRequest, language: str, r: Any) -> tuple[Decoded, str]:
         """The text of one generate result, and why it is suspect (empty when it is not)."""

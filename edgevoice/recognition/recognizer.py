@@ -112,8 +112,7 @@ class WhisperRecognizer:
         return stream
 
     def check_finals(self, check: FinalCheck | None) -> None:
-        """Finals decoded in a shared window that ``check`` doubts are decoded again in the full one
-        (engines decoding in the full window already decode as offline Whisper does)."""
+        """Finals that ``check`` doubts are decided by a vote of full-window views (see engine)."""
         for engine in self.scheduler.engines.values():
             engine.check = check
 

@@ -115,10 +115,14 @@ class Job:
     """Known text: emitted in order without a decode."""
     lead: int = 0
     """Samples of silence ``audio`` begins with after a commit (no word starts in them)."""
+    doubted: Decoded | None = None
+    """Its decode the final check doubted: the job waits for the vote of its views (a review)."""
 
     def request(self, language: str | None, beam: int, *, words: bool) -> DecodeRequest:
         """What the engine decodes: finals are verified; with words, a decode that stops before the
-        speech does is continued (hypotheses must cover the buffer to be compared)."""
+        speech does is continued (hypotheses must cover the buffer to be compared); a doubted one is
+        reviewed."""
+        doubted = self.doubted
         return DecodeRequest(
             self.audio,
             language,
@@ -128,6 +132,8 @@ class Job:
             speech_s=self.speech_s,
             speech_end_s=self.speech_end_s if words else None,
             previous=self.previous,
+            review=doubted is not None,
+            first=doubted,
         )
 
 

@@ -43,9 +43,16 @@ class Transcript:
 TranscriptCallback = Callable[[Transcript], None]
 """Called on the event loop for every partial and final of a stream."""
 
-FinalCheck = Callable[[str, Sequence[str], "str | None"], str]
-"""(a final's text, the decoder's other beam hypotheses, language) -> why the final should be decoded
-again in the full window ("" if not); called in the inference thread, so it must be cheap and pure."""
+
+class FinalCheck(Protocol):
+    """What finals are checked against (the keyword rules: a keyword missed is an event lost); called in
+    the inference thread, so both methods must be cheap and pure."""
+
+    def doubt(self, text: str, alternatives: Sequence[str], language: str | None = None) -> str:
+        """Why a final (its text, the decoder's other beam hypotheses) needs a closer look ("" if not)."""
+
+    def match(self, text: str, language: str | None = None) -> list[str]:
+        """The events ``text`` fires: what the views of a doubted final vote on."""
 
 
 class RecognitionStream(Protocol):
@@ -85,5 +92,5 @@ class Recognizer(Protocol):
         """Start recognizing a new stream; refusals are :class:`~edgevoice.errors.RecognizerError` subclasses."""
 
     def check_finals(self, check: FinalCheck | None) -> None:
-        """Have every final decoded in a shared window that ``check`` doubts decoded again in the full
-        window (the keyword rules: a keyword missed is an event lost); None: no such check."""
+        """Have every final ``check`` doubts decided by a vote of full-window views of its audio (the keyword
+        rules: a keyword missed is an event lost); None: no such check."""
