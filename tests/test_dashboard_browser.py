@@ -169,14 +169,38 @@ def write_wav(path: Path, audio: np.ndarray, rate: int = 16000) -> Path:
     return path
 
 
+TAP_SENT_AUDIO = """
+window.__sent = [];
+const send = WebSocket.prototype.send;
+WebSocket.prototype.send = function (data) {
+  if (data instanceof ArrayBuffer) window.__sent.push(...new Float32Array(data.slice(1)));
+  return send.call(this, data);
+};
+"""
+"""Keeps a copy of the samples the page sends (after the channel byte), to say what the daemon was given."""
+
+
+def what_was_sent(sent: np.ndarray, rate: int, speech: np.ndarray) -> str:
+    """Where the speech lies in the audio the page sent, and how faithfully (Chromium captures in real time)."""
+    from scipy.signal import correlate, resample_poly
+
+    ref = resample_poly(speech, rate, 16000).astype(np.float32)
+    if len(sent) < len(ref):
+        return f"the page sent {len(sent) / rate:.2f} s, shorter than the speech"
+    at = int(np.argmax(np.abs(correlate(sent, ref, mode="valid", method="fft"))))
+    got = sent[at : at + len(ref)]
+    error = float(np.sqrt(np.mean((got - ref) ** 2) / np.mean(ref**2)))
+    return f"the page sent {len(sent) / rate:.2f} s; the speech found at {at / rate:.2f} s, relative error {error:.2f}"
+
+
 async def test_try_it_panel_streams_the_microphone(
     daemon_factory: Callable[..., Daemon], receiver: Receiver, tmp_path: Path
 ) -> None:
-    """Chromium's fake microphone plays espeak-ng speech; the panel sends it to /asr-multicam as pcm_f32le."""
+    """Chromium's fake microphone plays espeak-ng speech; the panel sends it to /asr-multicam as pcm_f32le,
+    with what it heard while the stream was being opened."""
     daemon = daemon_factory(env=daemon_env(receiver, TOKEN))
-    wav = write_wav(
-        tmp_path / "mic.wav", np.concatenate([silence(1.5), synth("Hello, can I see the menu please?"), silence(2.5)])
-    )
+    speech = synth("Hello, can I see the menu please?")
+    wav = write_wav(tmp_path / "mic.wav", np.concatenate([silence(1.5), speech, silence(2.5)]))
     fake_mic = [
         "--use-fake-ui-for-media-stream",
         "--use-fake-device-for-media-stream",
@@ -185,6 +209,7 @@ async def test_try_it_panel_streams_the_microphone(
     ]
     async with launch(*fake_mic) as browser:
         page = await browser.new_page(viewport={"width": 1280, "height": 900})
+        await page.add_init_script(TAP_SENT_AUDIO)
         await page.goto(f"{daemon.url}/?token={TOKEN}")
         await expect(page.locator("#conn")).to_have_text("live", timeout=15_000)
         await page.fill("#try-session", "dashboard_try_it")
@@ -192,8 +217,15 @@ async def test_try_it_panel_streams_the_microphone(
         await page.click("#try-start")
         await expect(page.locator("#try-status")).to_contain_text("Listening", timeout=15_000)
         await expect(page.locator("#try-status")).to_contain_text("pcm_f32le")
-        await expect(page.locator("#try-transcript")).to_contain_text("hello", ignore_case=True, timeout=40_000)
-        await expect(page.locator("#try-transcript .kw")).to_contain_text("SAY_HELLO", timeout=30_000)
+        try:
+            await expect(page.locator("#try-transcript")).to_contain_text("hello", ignore_case=True, timeout=40_000)
+            await expect(page.locator("#try-transcript .kw")).to_contain_text("SAY_HELLO", timeout=30_000)
+        except AssertionError as e:
+            rate = int(await page.evaluate("tryIt.ctx.sampleRate"))
+            sent = np.asarray(await page.evaluate("window.__sent"), dtype=np.float32)
+            ARTIFACTS.mkdir(exist_ok=True)
+            write_wav(ARTIFACTS / "try-it-sent.wav", sent, rate)
+            raise AssertionError(f"{what_was_sent(sent, rate, speech)} (saved as try-it-sent.wav)") from e
         # The same stream on the dashboard, like any table.
         stream = page.locator('.session[data-session="dashboard_try_it"] .customer[data-customer="browser_guest"]')
         await expect(stream.locator(".stream li.final").first).to_contain_text("hello", ignore_case=True)

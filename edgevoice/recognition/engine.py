@@ -49,6 +49,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -388,16 +389,16 @@ class Engine:
         first = [w for w in live if not w.request.review]
         self._run(first, full=full, checked=True)
         again = [w for w in first if w.suspect and w.request.verify and not w.doubted and not full]
-        views = {id(w): self._views(w) for w in reviews}
+        views = [(w, self._views(w)) for w in reviews]
         for w in again:
             log.debug("verify: %s (%r); decoding again in the full window", w.suspect, w.result and w.result.text)
             w.retried = True
         self.window_retries += len(again) + len(reviews)
         self.check_retries += len(reviews)
         if again or reviews:
-            self._run(again + [v for vs in views.values() for _, v in vs], full=True)
-        for w in reviews:
-            self._vote(w, views[id(w)])
+            self._run(again + [v for _, vs in views for _, v in vs], full=True)
+        for w, vs in views:
+            self._vote(w, vs)
             w.retried = True
         for w in first:
             if w.doubted:
@@ -446,9 +447,7 @@ class Engine:
         decodes += [(lead, v.result) for lead, v in views if v.result is not None]  # views are never doubted
         check = self.check
         fired = [frozenset(check.match(d.text, d.language or w.request.language) if check else ()) for _, d in decodes]
-        counts: dict[frozenset[str], int] = {}
-        for f in fired:
-            counts[f] = counts.get(f, 0) + 1
+        counts = Counter(fired)
         most = max(counts.values())
         win = fired[0] if counts[fired[0]] == most else next(f for f in fired if counts[f] == most)
         chosen = (

@@ -469,7 +469,8 @@ $("auth-form").addEventListener("submit", (e) => {
 
 // ---------------------------------------------------------------- try it: browser microphone -> /asr-multicam
 
-const tryIt = { ws: null, ctx: null, media: null, node: null, buf: [], bufLen: 0, frameSamples: 0, streamId: null, finals: [], partial: "", notes: [] };
+const PRESTART_S = 10; // seconds of microphone audio kept while the stream is being opened
+const tryIt = { ws: null, ctx: null, media: null, node: null, buf: [], bufLen: 0, started: false, stopping: false, frameSamples: 0, streamId: null, finals: [], partial: "", notes: [] };
 
 function randomId() {
   const a = new Uint8Array(4);
@@ -496,10 +497,16 @@ function onSamples(samples) {
   const rms = Math.sqrt(sum / Math.max(1, samples.length));
   $("try-level").style.width = levelPercent(rms > 0 ? 20 * Math.log10(rms) : -100).toFixed(0) + "%";
   const ws = tryIt.ws;
-  if (!ws || ws.readyState !== WebSocket.OPEN || !tryIt.started) return;
+  if (!tryIt.ctx || tryIt.stopping) return;
   tryIt.buf.push(samples);
   tryIt.bufLen += samples.length;
-  if (tryIt.bufLen < tryIt.frameSamples) return;
+  if (!tryIt.started) {
+    // Until the daemon answers stream_started, keep what the microphone hears (the first words), up to
+    // PRESTART_S; older blocks go first.
+    while (tryIt.bufLen > PRESTART_S * tryIt.ctx.sampleRate && tryIt.buf.length > 1) tryIt.bufLen -= tryIt.buf.shift().length;
+    return;
+  }
+  if (!ws || ws.readyState !== WebSocket.OPEN || tryIt.bufLen < tryIt.frameSamples) return;
   // One binary frame: 1 byte channel, then little-endian float32 samples (pcm_f32le).
   const frame = new ArrayBuffer(1 + 4 * tryIt.bufLen);
   new Uint8Array(frame, 0, 1)[0] = 0;
@@ -514,18 +521,15 @@ function onSamples(samples) {
   ws.send(frame);
 }
 
-async function startCapture(ctx, media) {
-  const source = ctx.createMediaStreamSource(media);
+async function captureNode(ctx) {
   if (ctx.audioWorklet) {
     await ctx.audioWorklet.addModule("/dashboard/static/worklet.js");
     const node = new AudioWorkletNode(ctx, "edgevoice-capture", { numberOfInputs: 1, numberOfOutputs: 1, channelCount: 1, channelCountMode: "explicit" });
     node.port.onmessage = (e) => onSamples(e.data);
-    source.connect(node).connect(ctx.destination); // the node outputs silence
     return node;
   }
   const node = ctx.createScriptProcessor(4096, 1, 1); // fallback for old browsers
   node.onaudioprocess = (e) => onSamples(new Float32Array(e.inputBuffer.getChannelData(0)));
-  source.connect(node).connect(ctx.destination);
   return node;
 }
 
@@ -540,20 +544,24 @@ async function tryStart(e) {
   tryIt.finals = [];
   tryIt.partial = "";
   tryIt.notes = [];
+  tryIt.started = tryIt.stopping = false;
   renderTry();
   try {
     tryStatus("Asking for the microphone…");
+    // The audio graph is ready before the microphone opens, so its first samples are kept.
+    const ctx = new AudioContext({ latencyHint: "playback" }); // larger buffers: fewer glitches on a busy machine
+    tryIt.ctx = ctx;
+    tryIt.frameSamples = Math.round(ctx.sampleRate / 20); // 50 ms frames
+    const node = await captureNode(ctx);
+    tryIt.node = node;
     tryIt.media = await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1, echoCancellation: false, noiseSuppression: false, autoGainControl: false } });
-    tryIt.ctx = new AudioContext();
-    tryIt.frameSamples = Math.round(tryIt.ctx.sampleRate / 20); // 50 ms frames
-    tryIt.node = await startCapture(tryIt.ctx, tryIt.media);
+    ctx.createMediaStreamSource(tryIt.media).connect(node).connect(ctx.destination); // the node outputs silence
   } catch (err) {
     tryStatus("Microphone unavailable: " + err.message);
     await tryCleanup();
     return;
   }
   tryIt.streamId = "browser_" + randomId();
-  tryIt.started = false;
   const ws = new WebSocket(wsURL("/asr-multicam"));
   ws.binaryType = "arraybuffer";
   tryIt.ws = ws;
@@ -578,6 +586,7 @@ async function tryStart(e) {
     const msg = JSON.parse(ev.data);
     if (msg.type === "stream_started") {
       tryIt.started = true;
+      onSamples(new Float32Array(0)); // what was heard while the stream opened goes now
       $("try-stop").disabled = false;
       tryStatus(`Listening: stream ${tryIt.streamId} (${tryIt.ctx.sampleRate} Hz, pcm_f32le).`);
     } else if (msg.type === "transcript") {
@@ -622,7 +631,7 @@ function tryStop() {
   const ws = tryIt.ws;
   if (tryIt.media) tryIt.media.getTracks().forEach((t) => t.stop());
   if (ws && ws.readyState === WebSocket.OPEN && tryIt.started) {
-    tryIt.started = false; // no more audio; the daemon flushes and answers stream_stopped
+    tryIt.stopping = true; // no more audio; the daemon flushes and answers stream_stopped
     ws.send(JSON.stringify({ type: "audio_stream_stop", stream_id: tryIt.streamId }));
     tryStatus("Finishing recognition…");
     $("try-stop").disabled = true;
