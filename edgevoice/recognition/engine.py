@@ -39,8 +39,12 @@ the text of a view that fires them stands (the plain one's if it is among them, 
 the likeliest). The check never fires an event by itself: views of the same audio do,
 and only by majority. A doubted final comes back :attr:`Decoded.doubted` and is decoded
 again with ``review`` (the scheduler does it in a batch of its own, so the other finals
-of its batch are not held); it costs ``VIEWS`` full-window decodes (counted in
-``check_retries``; they are rare: a few in a thousand finals).
+of its batch are not held). A review runs in ``REVIEW_STAGES``: when the first stage's
+four views agree they are a majority of the seven and the vote is decided; otherwise it
+comes back doubted again, with the views so far, and the scheduler runs the second stage
+after the finals that came meanwhile. The outcome is that of all ``VIEWS`` voting; it
+costs four or seven full-window decodes (counted in ``check_retries``; they are rare: a
+few in a thousand finals).
 """
 
 from __future__ import annotations
@@ -102,6 +106,9 @@ VIEW_LEADS_S = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 """Silence each padded view adds before the final's audio (its pre-roll then spans 0.38-0.88 s about
 offline's 0.4 s): the plain full window and these make the ``VIEWS`` that vote on a doubted final."""
 VIEWS = 1 + len(VIEW_LEADS_S)
+REVIEW_STAGES = ((0, 1, 3, 5), (2, 4, 6))
+"""The views (0 the plain one, i the one padded with ``VIEW_LEADS_S[i - 1]``) each stage of a review decodes:
+four that agree are a majority of ``VIEWS``, and then the second stage cannot change the outcome."""
 _PREPEND = "\"'“¿([{-"
 _APPEND = "\"'.。,，!！?？:：”)]}、"
 
@@ -160,7 +167,24 @@ class Decoded:
     tokens: list[int] = field(default_factory=list)
     doubted: bool = False
     """The final check doubted this final: it is not the text yet; decode the request again with ``review``
-    (the caller does, in a batch of its own, so that a doubt does not hold other streams' finals)."""
+    (the caller does, in a batch of its own, so that a doubt does not hold other streams' finals), with this
+    as ``first``, until it comes back without the flag."""
+    views: list[View] = field(default_factory=list)
+    """With ``doubted``: the views of its review decoded so far (empty before the first stage)."""
+
+
+@dataclass(slots=True)
+class View:
+    """One view of a doubted final's review: which (see ``REVIEW_STAGES``), its decode and the events it fires."""
+
+    index: int
+    result: Decoded
+    fired: frozenset[str]
+
+    @property
+    def lead(self) -> float:
+        """Silence the view added before the final's audio."""
+        return VIEW_LEADS_S[self.index - 1] if self.index else 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -389,16 +413,17 @@ class Engine:
         first = [w for w in live if not w.request.review]
         self._run(first, full=full, checked=True)
         again = [w for w in first if w.suspect and w.request.verify and not w.doubted and not full]
-        views = [(w, self._views(w)) for w in reviews]
+        stages = [(w, self._stage(w)) for w in reviews]
         for w in again:
             log.debug("verify: %s (%r); decoding again in the full window", w.suspect, w.result and w.result.text)
             w.retried = True
-        self.window_retries += len(again) + len(reviews)
-        self.check_retries += len(reviews)
+        started = sum(not self._views_so_far(w) for w in reviews)
+        self.window_retries += len(again) + started
+        self.check_retries += started
         if again or reviews:
-            self._run(again + [v for _, vs in views for _, v in vs], full=True)
-        for w, vs in views:
-            self._vote(w, vs)
+            self._run(again + [v for _, vs in stages for _, v in vs], full=True)
+        for w, vs in stages:
+            self._tally(w, vs)
             w.retried = True
         for w in first:
             if w.doubted:
@@ -423,39 +448,75 @@ class Engine:
         for w in work:
             w.encoded = None
 
-    def _views(self, w: _Work) -> list[tuple[float, _Work]]:
-        """The full-window views of a doubted final, each with the silence it adds before the audio:
-        the request as it is (unless the doubted decode was in the full window), then padded."""
+    @staticmethod
+    def _views_so_far(w: _Work) -> list[View]:
+        first = w.request.first
+        return first.views if first is not None else []
+
+    def _stage(self, w: _Work) -> list[tuple[int, _Work]]:
+        """The views of a doubted final its review decodes now (the next of ``REVIEW_STAGES``), by index:
+        the request as it is (unless the doubted decode was in the full window), or padded with silence."""
+        done = {v.index for v in self._views_so_far(w)}
+        if self._plain(w) is not None:
+            done.add(0)
+        todo = next((s for s in REVIEW_STAGES if not done.issuperset(s)), ())
         r = dataclasses.replace(w.request, verify=False, review=False, first=None)
-        views = [] if self._plain(w) is not None else [(0.0, _Work(r))]
         tail = np.zeros(int(VIEW_TAIL_S * SAMPLE_RATE), dtype=np.float32)
-        for lead in VIEW_LEADS_S:
-            audio = np.concatenate([np.zeros(int(lead * SAMPLE_RATE), dtype=np.float32), r.audio, tail])
-            views.append((lead, _Work(dataclasses.replace(r, audio=audio, speech_end_s=None))))
+        views = []
+        for i in todo:
+            if i in done:
+                continue
+            if i == 0:
+                views.append((0, _Work(r)))
+                continue
+            lead = np.zeros(int(VIEW_LEADS_S[i - 1] * SAMPLE_RATE), dtype=np.float32)
+            audio = np.concatenate([lead, r.audio, tail])
+            views.append((i, _Work(dataclasses.replace(r, audio=audio, speech_end_s=None))))
         return views
 
     def _plain(self, w: _Work) -> Decoded | None:
         """The doubted decode of a review when it is the plain full-window view (a full-window engine's)."""
         return w.request.first if self.info.window == "full" else None
 
-    def _vote(self, w: _Work, views: list[tuple[float, _Work]]) -> None:
+    def _fired(self, w: _Work, d: Decoded) -> frozenset[str]:
+        check = self.check
+        return frozenset(check.match(d.text, d.language or w.request.language) if check else ())
+
+    def _tally(self, w: _Work, stage: list[tuple[int, _Work]]) -> None:
+        """Add a review stage's views to those so far: vote when it is decided, else the final comes back
+        doubted with them (the next stage follows)."""
+        views = list(self._views_so_far(w))
+        plain = self._plain(w)
+        if plain is not None and not any(v.index == 0 for v in views):
+            plain = dataclasses.replace(plain, words=list(plain.words), doubted=False, views=[])
+            views.append(View(0, plain, self._fired(w, plain)))
+        for i, v in stage:
+            assert v.result is not None  # views are never doubted
+            views.append(View(i, v.result, self._fired(w, v.result)))
+        views.sort(key=lambda v: v.index)
+        most = max(Counter(v.fired for v in views).values())
+        if len(views) < VIEWS and most <= VIEWS // 2:
+            assert w.request.first is not None
+            w.result = dataclasses.replace(w.request.first, views=views, doubted=True)
+            w.doubted = True
+            log.debug("final check: %d of %d views so far agree; the next stage follows", most, len(views))
+            return
+        self._vote(w, views)
+
+    def _vote(self, w: _Work, views: list[View]) -> None:
         """The result of a doubted final: the events most views fire (a tie goes to the plain view's, then
         to the earliest view's), with the text of the plain view if it fires them, else of the likeliest
         view that does; word times are those of ``w``'s audio."""
-        plain = self._plain(w)
-        decodes = [(0.0, dataclasses.replace(plain, words=list(plain.words), doubted=False))] if plain else []
-        decodes += [(lead, v.result) for lead, v in views if v.result is not None]  # views are never doubted
-        check = self.check
-        fired = [frozenset(check.match(d.text, d.language or w.request.language) if check else ()) for _, d in decodes]
+        fired = [v.fired for v in views]
         counts = Counter(fired)
         most = max(counts.values())
         win = fired[0] if counts[fired[0]] == most else next(f for f in fired if counts[f] == most)
         chosen = (
             0
             if fired[0] == win
-            else max((i for i, f in enumerate(fired) if f == win), key=lambda i: (decodes[i][1].avg_logprob, -i))
+            else max((i for i, f in enumerate(fired) if f == win), key=lambda i: (views[i].result.avg_logprob, -i))
         )
-        lead, result = decodes[chosen]
+        lead, result = views[chosen].lead, views[chosen].result
         limit = len(w.request.audio) / SAMPLE_RATE
         result.words = [
             DecodedWord(
@@ -466,7 +527,7 @@ class Engine:
             )
             for x in result.words
         ]
-        log.debug("final check: %d of %d views fire %s; %r stands", most, len(decodes), sorted(win), result.text)
+        log.debug("final check: %d of %d views fire %s; %r stands", most, len(views), sorted(win), result.text)
         w.result = result
 
     def _continue(self, work: list[_Work]) -> None:
