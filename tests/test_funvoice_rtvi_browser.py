@@ -132,6 +132,19 @@ def best_match(received: np.ndarray, reference: np.ndarray) -> float:
     return float(np.max(corr / (np.sqrt(window * np.sum(received**2)) + 1e-9)))
 
 
+def piecewise_match(received: np.ndarray, reference: np.ndarray, piece: int = 4000) -> float:
+    """The median :func:`best_match` of the voiced 0.25 s pieces of ``received``: Chromium captures in real
+    time, and on a starved box it drops a few samples now and then, which shifts everything after them; each
+    piece is matched on its own, so a drop costs only its piece. Unrelated espeak-ng speech scores ~0.45."""
+    scores = [
+        best_match(received[i : i + piece], reference)
+        for i in range(0, len(received) - piece + 1, piece)
+        if np.sqrt(np.mean(received[i : i + piece] ** 2)) > 0.01
+    ]
+    assert scores, "no voiced audio reached Gemini"
+    return float(np.median(scores))
+
+
 async def wait_for(page: Page, condition: str, timeout_s: float = 60) -> None:
     await page.wait_for_function(condition, timeout=timeout_s * 1000, polling=100)
 
@@ -204,7 +217,8 @@ async def test_pipecat_web_sdk_talks_to_gemini_through_the_box(
     first_turn = bytes(conn.audio[: int(m.group(1))])
     assert final["text"] == heard(first_turn)  # exactly the PCM the SDK captured reached Gemini
     received = np.frombuffer(first_turn, dtype="<i2").astype(np.float64) / 32768
-    assert best_match(received[8000:24000], reference.astype(np.float64)) > 0.6  # and it is the WAV's speech
+    match = piecewise_match(received[4000:], reference.astype(np.float64))
+    assert match > 0.6, f"the audio Gemini got matches the WAV at {match:.2f}"  # and it is the WAV's speech
     assert any(re.fullmatch(r"conversation c\d+ turn \d+: I heard 1\.\d\d seconds", t) for t in state["botTranscripts"])
     assert state["posted"] >= 4800
     assert {"user-started", "user-stopped", "bot-started"} <= set(state["speaking"])
