@@ -546,11 +546,31 @@ async def test_a_review_holds_no_other_streams_final() -> None:
     check = rec.engine.check
     assert isinstance(check, _Check)
     check.doubt = lambda text, alternatives, language=None: "doubted" if "there" in text.lower() else ""  # type: ignore[method-assign]
+    got = await _end_together(
+        rec,
+        {"a": synth("Well, hello there, it is nice to see you again."), "b": synth("Could we have some more bread?")},
+    )
+    assert [k for k, _ in got] == ["b", "a"], got
+    assert "there" in got[1][1] and rec.engine.check_retries == 1  # its review (no view fires: the plain view stands)
+
+
+async def test_a_second_look_holds_no_other_streams_final() -> None:
+    """Two streams end an utterance together; one says "Well well well." (a word three times in a row:
+    verification decodes it again in the full window): the other's final is emitted from the batch both were
+    decoded in, and the repeated one follows from its second look, a batch of its own."""
+    rec = WhisperRecognizer.load(AsrSettings(cpu_threads=2, multilingual_model=None), MODELS, Metrics())
+    got = await _end_together(rec, {"a": synth("Well well well."), "b": synth("Could we have some more bread?")})
+    assert [k for k, _ in got] == ["b", "a"], got
+    assert rec.engine.window_retries == 1 and rec.engine.check_retries == 0
+    assert wer("well well well", got[1][1]) == 0, got
+    assert wer("could we have some more bread", got[0][1]) <= 0.2, got
+
+
+async def _end_together(rec: WhisperRecognizer, speech: dict[str, np.ndarray]) -> list[tuple[str, str]]:
+    """Stream ``speech`` so that every stream's utterance ends at the same sample (their endpoints come in
+    the same cycle), driven by drain (the cycles run in order, nothing is chosen by the clock); the finals
+    as (stream, text), in the order they were emitted."""
     got: list[tuple[str, str]] = []
-    speech = {
-        "a": synth("Well, hello there, it is nice to see you again."),
-        "b": synth("Could we have some more bread?"),
-    }
     longest = max(len(x) for x in speech.values())
     audio = {  # both end at the same sample: their endpoints come in the same cycle
         k: np.concatenate([silence(0.5 + (longest - len(x)) / RATE), x, silence(1.5)]) for k, x in speech.items()
@@ -574,8 +594,7 @@ async def test_a_review_holds_no_other_streams_final() -> None:
         await asyncio.sleep(0)
         await asyncio.to_thread(rec.scheduler.drain)
         await fut
-    assert [k for k, _ in got] == ["b", "a"], got
-    assert "there" in got[1][1] and rec.engine.check_retries == 1  # its review (no view fires: the plain view stands)
+    return got
 
 
 async def test_a_keyword_on_a_decision_boundary_is_heard_by_the_views(tiny: WhisperRecognizer) -> None:

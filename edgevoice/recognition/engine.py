@@ -24,7 +24,9 @@ another's text.
 Verification: a decode that loops (a phrase repeated), runs past ``MAX_TOKENS_PER_S``,
 leaves the end of the VAD's speech without words, or is empty on clear speech is
 decoded again in the true full 30 s window (``verify``; counted in ``window_retries``),
-whatever the load. A repetition that survives is cut to its first copy. Decoding is at
+whatever the load: at once, or, when the request asks to ``defer`` (the scheduler's finals), by the caller
+(:attr:`Decoded.unverified`; decoded again with ``full_window`` in a batch of its own, so that one stream's
+second look holds no other stream's final). A repetition that survives is cut to its first copy. Decoding is at
 temperature 0 with no fallback (the fallback multiplies the cost on noise and is what
 invents text).
 
@@ -141,6 +143,12 @@ class DecodeRequest:
     """A final the check doubted (its :attr:`Decoded.doubted`): decode its ``VIEWS`` and let them vote."""
     first: Decoded | None = None
     """With ``review``: the decode the check doubted (a full-window engine's is its plain view)."""
+    defer: bool = False
+    """With ``verify``: a decode that fails verification comes back :attr:`Decoded.unverified` instead of being
+    decoded again at once; the caller decodes the request again with ``full_window`` (the scheduler does, in a
+    batch of its own, so that one stream's second look holds no other stream's final)."""
+    full_window: bool = False
+    """Decode in the true 30 s window and verify no more: the second look of a deferred verification."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +179,9 @@ class Decoded:
     as ``first``, until it comes back without the flag."""
     views: list[View] = field(default_factory=list)
     """With ``doubted``: the views of its review decoded so far (empty before the first stage)."""
+    unverified: bool = False
+    """It failed verification and its request asked to ``defer``: not its text yet; decode the request again
+    with ``full_window``."""
 
 
 @dataclass(slots=True)
@@ -402,7 +413,8 @@ class Engine:
 
     def decode(self, requests: Sequence[DecodeRequest]) -> list[Decoded]:
         """Decode every request, batched and verified; results in request order. A final the check
-        doubts comes back :attr:`Decoded.doubted`; decoded again with ``review``, its views vote."""
+        doubts comes back :attr:`Decoded.doubted`; decoded again with ``review``, its views vote. One that
+        fails verification with ``defer`` comes back :attr:`Decoded.unverified`; decode it with ``full_window``."""
         work = [_Work(r) for r in requests]
         live = [w for w in work if len(w.request.audio)]
         for w in work:
@@ -410,12 +422,19 @@ class Engine:
                 w.result = Decoded("", language=w.request.language)
         full = self.info.window == "full"
         reviews = [w for w in live if w.request.review]
-        first = [w for w in live if not w.request.review]
+        looks = [w for w in live if w.request.full_window and not w.request.review]
+        first = [w for w in live if not w.request.review and not w.request.full_window]
         self._run(first, full=full, checked=True)
-        again = [w for w in first if w.suspect and w.request.verify and not w.doubted and not full]
+        suspect = [w for w in first if w.suspect and w.request.verify and not w.doubted and not full]
+        for w in suspect:
+            when = "later" if w.request.defer else "now"
+            log.debug(
+                "verify: %s (%r); decoding again in the full window %s", w.suspect, w.result and w.result.text, when
+            )
+        deferred = [w for w in suspect if w.request.defer]
+        again = [w for w in suspect if not w.request.defer] + looks
         stages = [(w, self._stage(w)) for w in reviews]
         for w in again:
-            log.debug("verify: %s (%r); decoding again in the full window", w.suspect, w.result and w.result.text)
             w.retried = True
         started = sum(not self._views_so_far(w) for w in reviews)
         self.window_retries += len(again) + started
@@ -430,7 +449,10 @@ class Engine:
                 assert w.result is not None
                 log.debug("%s (%r): its views will vote", w.suspect, w.result.text)
                 w.result.doubted = True
-        self._continue([w for w in live if not w.doubted])
+        for w in deferred:
+            assert w.result is not None
+            w.result.unverified = True
+        self._continue([w for w in live if not w.doubted and not (w.result and w.result.unverified)])
         self.decoded += len(first)
         out = []
         for w in work:

@@ -9,8 +9,10 @@ Each cycle, in ONE dedicated thread (CTranslate2 releases the GIL while it compu
    streams (no stream starves); only when none waits, the early finals of utterances
    whose endpoint is being awaited (speech may resume and void them). A final the
    keyword check doubted is reviewed (its full-window views vote, see engine) in a
-   batch of its own, queued behind the finals already waiting, so the finals decoded
-   beside it are emitted at once and wait for nobody's review; then partials,
+   batch of its own, and one that failed verification is decoded again in the full
+   window in a batch of such second looks, each queued behind the finals already
+   waiting, so the finals decoded beside it are emitted at once and wait for nobody's
+   second look; then partials,
    the longest-waiting first, only as many as fit in a time budget of
    ``asr.partial_interval_s`` estimated from the measured cost per item.
    Under load partials are therefore skipped (``edgevoice_partials_skipped``) before
@@ -217,10 +219,12 @@ class Scheduler:
                 if s.tentative is not None and s.tentative.result is None
             ]
         urgent.sort(key=lambda x: x[:3])
+        limit = self.settings.max_batch
         if urgent and urgent[0][4].doubted is not None:
             return [_Item(urgent[0][3], urgent[0][4])]  # a review (VIEWS full-window decodes) goes alone
-        urgent = [u for u in urgent if u[4].doubted is None]
-        limit = self.settings.max_batch
+        if urgent and urgent[0][4].unverified:  # second looks in the full window go together, and only they
+            return [_Item(s, job) for _, _, _, s, job in urgent if job.unverified][:limit]
+        urgent = [u for u in urgent if u[4].doubted is None and not u[4].unverified]
         items = [_Item(s, job) for _, _, _, s, job in urgent[:limit]]
         due = [s for s in streams if not s.finishing and s.partial_due(now, display=self._paced)]
         if not due:
@@ -257,7 +261,7 @@ class Scheduler:
         self.batches += 1
         self.metrics.batch_size.labels(kind).observe(len(items))
         self.metrics.inference_seconds.labels(kind).observe(elapsed)
-        if kind != "mixed" and not any(it.job.doubted for it in items):  # a review's cost is not a final's
+        if kind != "mixed" and not any(it.job.doubted or it.job.unverified for it in items):  # nor a second look's
             key = "partial" if kind == "partial" else "final"
             self._cost[key] = 0.7 * self._cost[key] + 0.3 * (elapsed / len(items))
         log.debug("decoded %d request(s) (%s) in %.3f s", len(items), kind, elapsed)
@@ -268,8 +272,8 @@ class Scheduler:
                 continue
             if res is None:
                 res = Decoded("")
-            if res.doubted:  # not its text yet: its views vote in a batch of their own, behind older finals
-                job.doubted, job.ready = res, time.monotonic()
+            if res.doubted or res.unverified:  # not its text yet: a second look, a batch of its own behind older finals
+                job.doubted, job.unverified, job.ready = res if res.doubted else None, res.unverified, time.monotonic()
                 continue
             if job.kind == "commit":
                 s.apply_commit(job, res)

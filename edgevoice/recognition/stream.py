@@ -117,11 +117,13 @@ class Job:
     """Samples of silence ``audio`` begins with after a commit (no word starts in them)."""
     doubted: Decoded | None = None
     """Its decode the final check doubted: the job waits for the vote of its views (a review)."""
+    unverified: bool = False
+    """Its decode failed verification: the job waits for its decode in the full window."""
 
     def request(self, language: str | None, beam: int, *, words: bool) -> DecodeRequest:
-        """What the engine decodes: finals are verified; with words, a decode that stops before the
-        speech does is continued (hypotheses must cover the buffer to be compared); a doubted one is
-        reviewed."""
+        """What the engine decodes: finals are verified (a second look deferred to a batch of its own);
+        with words, a decode that stops before the speech does is continued (hypotheses must cover the
+        buffer to be compared); a doubted one is reviewed, an unverified one decoded in the full window."""
         doubted = self.doubted
         return DecodeRequest(
             self.audio,
@@ -134,6 +136,8 @@ class Job:
             previous=self.previous,
             review=doubted is not None,
             first=doubted,
+            defer=True,
+            full_window=self.unverified,
         )
 
 
