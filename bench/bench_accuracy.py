@@ -1,7 +1,7 @@
 """Accuracy on real human speech: streaming at N real-time streams and ``edgevoice transcribe``, beside offline.
 
     .venv/bin/python -m bench.bench_accuracy [--streams 1 8 16] [--eval-dir ../shared/eval]
-        [--min-seconds 90] [--no-transcribe] [--kinds read long keyword] [--json FILE]
+        [--min-seconds 90] [--no-transcribe] [--kinds read long keyword] [--shifts N] [--json FILE]
 
 Material (bench/corpus.py): the real recordings of ``--eval-dir`` (en, vi, de) and
 pocketsphinx's LibriVox sentences; long conversational turns joined from them (20-30 s
@@ -24,6 +24,11 @@ together the streams cover everything at least once. A clip's text is every fina
 whose middle lies within its span. Transcribe: every clip through
 ``edgevoice transcribe``'s path (transcribe_with).
 
+``--shifts N``: every clip N times, with 0, 512/N, ... more samples of silence before it:
+the N places in a VAD window (512 samples) where a stream's cut can fall, so that
+``transcribe`` and offline, which cut one place each, decode every cut a stream can
+make (with ``--no-transcribe --streams`` it only repeats the material).
+
 Printed per path: WER by language and kind (read clips, long turns) and the ratio
 to offline on exactly the same clips; keyword recall against what offline decoding
 of the same utterances hears (an event counts when offline's text fires it), false
@@ -42,7 +47,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +61,7 @@ from edgevoice.events.keywords import KeywordMatcher
 from edgevoice.metrics import Metrics
 from edgevoice.recognition.recognizer import WhisperRecognizer
 from edgevoice.recognition.types import SAMPLE_RATE, Transcript
+from edgevoice.recognition.vad import WINDOW
 from edgevoice.transcribe import transcribe_with
 from tests.support.speech import silence, synth, trim
 
@@ -94,6 +100,21 @@ def keyword_clips() -> list[Clip]:
         for k, voice in enumerate(VI_VOICES):
             clips.append(Clip(f"kw_vi_{i}_{k}", "vi", trim(synth(line, **voice)), line, "keyword"))  # type: ignore[arg-type]
     return clips
+
+
+def shifted(clips: list[Clip], n: int) -> list[Clip]:
+    """Each clip at the n cuts of a VAD window (``name@samples``); the clips as they are when n is 1."""
+    if n == 1:
+        return clips
+    return [
+        replace(
+            c,
+            name=f"{c.name}@{k * WINDOW // n}",
+            audio=np.concatenate([np.zeros(k * WINDOW // n, np.float32), c.audio]),
+        )
+        for c in clips
+        for k in range(n)
+    ]
 
 
 def normalizer(language: str) -> Any:
@@ -303,16 +324,19 @@ def show(rows: dict[str, Any]) -> None:
 
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--streams", type=int, nargs="+", default=[1, 8, 16])
+    ap.add_argument("--streams", type=int, nargs="*", default=[1, 8, 16])
     ap.add_argument("--eval-dir", type=Path, default=DEFAULT_EVAL)
     ap.add_argument("--min-seconds", type=float, default=90.0, help="shortest playlist per stream")
     ap.add_argument("--no-transcribe", action="store_true")
     ap.add_argument("--window", default="shared", choices=["shared", "full"])
     ap.add_argument("--json", type=Path, help="write the figures here too")
     ap.add_argument("--kinds", nargs="+", default=["read", "long", "keyword"], choices=["read", "long", "keyword"])
+    ap.add_argument("--shifts", type=int, default=1, help="cuts per clip (1 to 512): see above")
     args = ap.parse_args()
+    if not 1 <= args.shifts <= WINDOW:
+        ap.error(f"--shifts {args.shifts}: must be 1 to {WINDOW}")
     clips = corpus(args.eval_dir) + keyword_clips()
-    clips = [c for c in clips if c.seconds <= 60 and c.kind in args.kinds]
+    clips = shifted([c for c in clips if c.seconds <= 60 and c.kind in args.kinds], args.shifts)
     print(
         f"# {len(clips)} clips, {sum(c.seconds for c in clips):.0f} s "
         f"({', '.join(f'{k} {sum(c.kind == k for c in clips)}' for k in ('read', 'long', 'keyword'))}); "

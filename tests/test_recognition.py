@@ -20,7 +20,7 @@ from edgevoice.events.keywords import KeywordMatcher
 from edgevoice.metrics import Metrics
 from edgevoice.recognition.engine import (
     REVIEW_STAGES,
-    VIEW_LEADS_S,
+    VIEW_LEADS,
     VIEW_TAIL_S,
     VIEWS,
     Decoded,
@@ -445,8 +445,10 @@ def _views(request: DecodeRequest) -> list[DecodeRequest]:
     """The full-window views of a doubted final, as the engine builds them: plain, then padded."""
     tail = silence(VIEW_TAIL_S)
     padded = [
-        dataclasses.replace(request, audio=np.concatenate([silence(lead), request.audio, tail]), verify=False)
-        for lead in VIEW_LEADS_S
+        dataclasses.replace(
+            request, audio=np.concatenate([np.zeros(lead, np.float32), request.audio, tail]), verify=False
+        )
+        for lead in VIEW_LEADS
     ]
     return [dataclasses.replace(request, verify=False), *padded]
 

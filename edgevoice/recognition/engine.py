@@ -36,10 +36,10 @@ other hypotheses, or a near miss of one) sits on a decision boundary: tiny.en's 
 such a clip flips when its start moves by 256 samples (docs/benchmarks.md). So it is
 decided by a vote, not by one alignment: ``VIEWS`` full-window decodes of the same
 audio, the plain one and ones padded with silence as offline faster-whisper's VAD
-chunks are (``VIEW_LEADS_S``, ``VIEW_TAIL_S``); the events most of them fire win, and
-the text of a view that fires them stands (the plain one's if it is among them, else
-the likeliest). The check never fires an event by itself: views of the same audio do,
-and only by majority. A doubted final comes back :attr:`Decoded.doubted` and is decoded
+chunks are, at seven phases of the mel hop (``VIEW_LEADS``, ``VIEW_TAIL_S``); the events
+most of them fire win, and the text of a view that fires them stands (the plain one's if
+it is among them, else the likeliest). The check never fires an event by itself: views
+of the same audio do, and only by majority. A doubted final comes back :attr:`Decoded.doubted` and is decoded
 again with ``review`` (the scheduler does it in a batch of its own, so the other finals
 of its batch are not held). A review runs in ``REVIEW_STAGES``: when the first stage's
 four views agree they are a majority of the seven and the vote is decided; otherwise it
@@ -104,12 +104,16 @@ EMPTY_SPEECH_S = 1.0
 """An empty decode of at least this much VAD speech is verified in the full window."""
 VIEW_TAIL_S = 0.2
 """Silence a padded view of a doubted final adds after it (with the stream's 0.2 s pad: offline's 0.4 s)."""
-VIEW_LEADS_S = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
-"""Silence each padded view adds before the final's audio (its pre-roll then spans 0.38-0.88 s about
-offline's 0.4 s): the plain full window and these make the ``VIEWS`` that vote on a doubted final."""
-VIEWS = 1 + len(VIEW_LEADS_S)
+PADDED_VIEWS = 6
+VIEWS = 1 + PADDED_VIEWS
+VIEW_LEADS = tuple(k * SAMPLE_RATE // 10 + round((k + 1) * HOP / VIEWS) for k in range(PADDED_VIEWS))
+"""Samples of silence each padded view adds before the final's audio: 0, 0.1, ... 0.5 s (its pre-roll then
+spans 0.38-0.88 s about offline's 0.4 s), each plus a seventh more of the mel hop than the last (23 ... 137
+samples), so that the seven views see the audio at seven phases of the hop: views at whole multiples of the
+hop see the same mel frames shifted, and agree with the plain view more than other cuts of the same audio
+do. The plain full window and these make the ``VIEWS`` that vote on a doubted final."""
 REVIEW_STAGES = ((0, 1, 3, 5), (2, 4, 6))
-"""The views (0 the plain one, i the one padded with ``VIEW_LEADS_S[i - 1]``) each stage of a review decodes:
+"""The views (0 the plain one, i the one padded with ``VIEW_LEADS[i - 1]``) each stage of a review decodes:
 four that agree are a majority of ``VIEWS``, and then the second stage cannot change the outcome."""
 _PREPEND = "\"'“¿([{-"
 _APPEND = "\"'.。,，!！?？:：”)]}、"
@@ -195,7 +199,7 @@ class View:
     @property
     def lead(self) -> float:
         """Silence the view added before the final's audio."""
-        return VIEW_LEADS_S[self.index - 1] if self.index else 0.0
+        return VIEW_LEADS[self.index - 1] / SAMPLE_RATE if self.index else 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -491,7 +495,7 @@ class Engine:
             if i == 0:
                 views.append((0, _Work(r)))
                 continue
-            lead = np.zeros(int(VIEW_LEADS_S[i - 1] * SAMPLE_RATE), dtype=np.float32)
+            lead = np.zeros(VIEW_LEADS[i - 1], dtype=np.float32)
             audio = np.concatenate([lead, r.audio, tail])
             views.append((i, _Work(dataclasses.replace(r, audio=audio, speech_end_s=None))))
         return views
