@@ -39,14 +39,14 @@ audio, the plain one and ones padded with silence as offline faster-whisper's VA
 chunks are, at seven phases of the mel hop (``VIEW_LEADS``, ``VIEW_TAIL_S``); the events
 most of them fire win, and the text of a view that fires them stands (the plain one's if
 it is among them, else the likeliest). The check never fires an event by itself: views
-of the same audio do, and only by majority. A doubted final comes back :attr:`Decoded.doubted` and is decoded
-again with ``review`` (the scheduler does it in a batch of its own, so the other finals
-of its batch are not held). A review runs in ``REVIEW_STAGES``: when the first stage's
-four views agree they are a majority of the seven and the vote is decided; otherwise it
-comes back doubted again, with the views so far, and the scheduler runs the second stage
-after the finals that came meanwhile. The outcome is that of all ``VIEWS`` voting; it
-costs four or seven full-window decodes (counted in ``check_retries``; they are rare: a
-few in a thousand finals).
+of the same audio do, and only by majority. A doubted final comes back
+:attr:`Decoded.doubted` and is decoded again with ``review`` (the scheduler does it in a
+batch of its own, so the other finals of its batch are not held). A review runs in
+``REVIEW_STAGES``: when the first stage's four views agree they are a majority of the
+seven and the vote is decided; otherwise it comes back doubted again, with the views so
+far, and the scheduler runs the second stage after the finals that came meanwhile. The
+outcome is that of all ``VIEWS`` voting; it costs four or seven full-window decodes
+(counted in ``check_retries``; they are rare: a few in a thousand finals).
 """
 
 from __future__ import annotations
