@@ -272,11 +272,10 @@ async def test_lost_device_is_reopened_while_the_other_keeps_running(rig: Rig) -
         assert rig.metric("edgevoice_mic_device_up", device="fake_a") == 0
         snap = next(d for d in capture.health() if d["match"] == "fake_a")
         assert snap["state"] == "down" and snap["next_attempt_s"] is not None and snap["next_attempt_s"] <= 1.0
-        # B never stopped.
-        b_before, b_at = rig.seconds("b0"), time.monotonic()
-        await asyncio.sleep(1.0)
-        assert rig.seconds("b0") - b_before >= 0.6 * (time.monotonic() - b_at)
-        assert dev_b.state == "up" and dev_b.opens == 1
+        # B never stopped: it goes on delivering while A is down, never closed and reopened.
+        b_before = rig.seconds("b0")
+        await until(lambda: rig.seconds("b0") - b_before >= 0.5, 10, "more audio from B while A is down")
+        assert dev_a.state != "up" and dev_b.state == "up" and dev_b.opens == 1
 
         a_before = len(rig.got["a1"])
         a.plug()
